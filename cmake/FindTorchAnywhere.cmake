@@ -1,0 +1,16 @@
+# Finds LibTorch from Debian's libtorch-dev (no hints needed) or from a pip PyTorch
+# (-DTorch_DIR=..., or the torch package of the python3 on PATH).
+if(NOT TARGET torch)
+  find_package(Torch QUIET)
+  if(NOT Torch_FOUND)
+    find_program(LIGHTRON_PYTHON NAMES python3 python)
+    if(LIGHTRON_PYTHON)
+      execute_process(COMMAND ${LIGHTRON_PYTHON} -c "import torch.utils; print(torch.utils.cmake_prefix_path)"
+                      OUTPUT_VARIABLE _lightron_torch_prefix OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+      if(_lightron_torch_prefix)
+        list(APPEND CMAKE_PREFIX_PATH "${_lightron_torch_prefix}")
+      endif()
+    endif()
+    find_package(Torch REQUIRED)
+  endif()
+endif()
