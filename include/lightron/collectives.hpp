@@ -1,0 +1,201 @@
+// lightron/collectives.hpp — the one thin wrapper through which every collective and
+// point-to-point call goes. It
+//   * counts calls, bytes and seconds per (group, operation): the numbers the notebooks
+//     plot against the analytical formulas;
+//   * gives portable versions of what Gloo in LibTorch 1.13 lacks (AVG = SUM then divide;
+//     reduce-scatter from all-to-all; all-gather into one tensor from the list form);
+//   * turns a failed or timed-out call into one line naming the group, the operation and
+//     the ranks that stopped answering, and ends the process (exit 1) instead of hanging.
+// The LibTorch 1.13 / 2.x differences of c10d live in the "compat" block below, only there.
+// Introduced in tutorial stage 1 (with process_groups.hpp, which builds the groups).
+#pragma once
+
+#include "core.hpp"
+
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
+#include <torch/version.h>
+#include <fmt/ranges.h>  // fmt::join
+#if TORCH_VERSION_MAJOR >= 2
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#endif
+
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <vector>
+
+namespace lightron {
+
+// ---- compat: LibTorch 1.13 vs 2.x ---------------------------------------------------------
+#if TORCH_VERSION_MAJOR >= 2
+using BackendPtr = c10::intrusive_ptr<c10d::Backend>;  // Gloo/NCCL derive from Backend in 2.x
+#else
+using BackendPtr = c10::intrusive_ptr<c10d::ProcessGroup>;  // ... and from ProcessGroup in 1.13
+#endif
+
+// One communicator: a c10d backend plus who is in it.
+struct Group {
+  std::string name;       // "world", "tp", "dp", "pp", "cp", "embedding"
+  BackendPtr pg;          // null when this rank is alone (size 1): calls are no-ops
+  int rank = 0, size = 1; // this rank's index in the group, and the group's size
+  std::vector<int> ranks; // global ranks of the members, by group rank
+};
+
+// Calls, bytes and seconds of one (group, operation).
+struct CommCounter {
+  int64_t calls = 0, bytes = 0;
+  double seconds = 0;
+};
+
+struct CommStats {
+  std::map<std::pair<std::string, std::string>, CommCounter> counters;
+  std::mutex mutex;  // async completions may be recorded from other threads
+  void add(const std::string& group, const std::string& op, int64_t bytes, double seconds) {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto& c = counters[{group, op}];
+    c.calls += 1;
+    c.bytes += bytes;
+    c.seconds += seconds;
+  }
+  CommCounter get(const std::string& group, const std::string& op) {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = counters.find({group, op});
+    return it == counters.end() ? CommCounter{} : it->second;
+  }
+  void reset() {
+    std::lock_guard<std::mutex> lock(mutex);
+    counters.clear();
+  }
+  // One JSON line: {"iteration": i, "comm": [{"group": "dp", "op": "all_reduce", ...}, ...]}
+  std::string json(int64_t iteration) {
+    std::lock_guard<std::mutex> lock(mutex);
+    std::string items;
+    for (const auto& [key, c] : counters)
+      items += fmt::format("{}{{\"group\": \"{}\", \"op\": \"{}\", \"calls\": {}, \"bytes\": {}, \"seconds\": {:.6f}}}",
+                           items.empty() ? "" : ", ", key.first, key.second, c.calls, c.bytes, c.seconds);
+    return fmt::format("{{\"iteration\": {}, \"rank\": {}, \"comm\": [{}]}}", iteration, global_rank(), items);
+  }
+};
+
+inline CommStats& comm_stats() {
+  static CommStats stats;
+  return stats;
+}
+
+// Who is still alive, for failure messages; set by process_groups.hpp (reads heartbeats).
+inline std::function<std::string()>& describe_lost_ranks() {
+  static std::function<std::string()> describe = [] { return std::string(); };
+  return describe;
+}
+
+// A collective failed or timed out: say which, and who is gone, on one line; then leave.
+// We _Exit because destroying a process group whose peers are dead can itself hang.
+[[noreturn]] inline void fail_collective(const Group& g, const std::string& op, const std::string& why) {
+  const std::string lost = describe_lost_ranks()();
+  fmt::print(stderr, "{}\n", with_prefix(fmt::format("error: {} on the {} group (ranks {}) failed: {}{}", op, g.name,
+                                                     fmt::join(g.ranks, ","), first_line(why),
+                                                     lost.empty() ? "" : "; " + lost)));
+  std::fflush(stderr);
+  std::_Exit(1);
+}
+
+// A pending operation: wait() finishes it, checks for failure and records its time.
+struct Pending {
+  const Group* group = nullptr;
+  std::string op;
+  c10::intrusive_ptr<c10d::Work> work;
+  int64_t bytes = 0;
+  Timer timer;
+  std::function<void()> then;  // e.g. divide by the group size, or copy a result out
+  void wait() {
+    if (!work) return;
+    try {
+      work->wait();
+    } catch (const std::exception& e) {
+      fail_collective(*group, op, e.what());
+    }
+    work.reset();
+    comm_stats().add(group->name, op, bytes, timer.seconds());
+    if (then) then();
+  }
+};
+
+template <typename Launch>
+inline Pending launch(const Group& g, const std::string& op, int64_t bytes, Launch&& start) {
+  Pending p;
+  p.group = &g;
+  p.op = op;
+  p.bytes = bytes;
+  try {
+    p.work = start();
+  } catch (const std::exception& e) {
+    fail_collective(g, op, e.what());
+  }
+  return p;
+}
+
+// Sum (or average) `t` in place across the group. Returns a Pending to overlap with work.
+inline Pending all_reduce_async(const Group& g, torch::Tensor t, bool average = false) {
+  if (g.size == 1) return Pending{};
+  std::vector<torch::Tensor> tensors{t};
+  auto p = launch(g, "all_reduce", nbytes(t), [&] { return g.pg->allreduce(tensors); });
+  if (average) p.then = [t, n = g.size]() mutable { t.div_(n); };  // Gloo 1.13 has no AVG
+  return p;
+}
+inline void all_reduce(const Group& g, torch::Tensor t, bool average = false) { all_reduce_async(g, t, average).wait(); }
+
+inline void all_reduce_max(const Group& g, torch::Tensor t) {
+  if (g.size == 1) return;
+  std::vector<torch::Tensor> tensors{t};
+  c10d::AllreduceOptions opts;
+  opts.reduceOp = c10d::ReduceOp::MAX;
+  launch(g, "all_reduce", nbytes(t), [&] { return g.pg->allreduce(tensors, opts); }).wait();
+}
+
+inline void broadcast(const Group& g, torch::Tensor t, int root) {
+  if (g.size == 1) return;
+  std::vector<torch::Tensor> tensors{t};
+  c10d::BroadcastOptions opts;
+  opts.rootRank = root;
+  launch(g, "broadcast", nbytes(t), [&] { return g.pg->broadcast(tensors, opts); }).wait();
+}
+
+// Concatenate every rank's `t` along `dim`: (…, n, …) -> (…, size·n, …).
+inline torch::Tensor all_gather(const Group& g, const torch::Tensor& t, int64_t dim) {
+  if (g.size == 1) return t;
+  std::vector<torch::Tensor> input{t.contiguous()};
+  std::vector<std::vector<torch::Tensor>> output(1);
+  for (int i = 0; i < g.size; ++i) output[0].push_back(torch::empty_like(input[0]));
+  launch(g, "all_gather", nbytes(t), [&] { return g.pg->allgather(output, input); }).wait();
+  return torch::cat(output[0], dim);
+}
+
+// Sum across the group, each rank keeping its 1/size slice along `dim`. Built from
+// all-to-all (rank j receives everybody's j-th slice, then adds them up): the same bytes on
+// the wire as a ring reduce-scatter, and available in Gloo 1.13, which has no reduce_scatter.
+inline torch::Tensor reduce_scatter(const Group& g, const torch::Tensor& t, int64_t dim) {
+  if (g.size == 1) return t;
+  auto send = torch::stack(t.chunk(g.size, dim), 0).contiguous();  // (size, ...slice)
+  auto recv = torch::empty_like(send);
+  std::vector<int64_t> splits;  // empty: equal splits
+  launch(g, "reduce_scatter", nbytes(t), [&] { return g.pg->alltoall_base(recv, send, splits, splits); }).wait();
+  return recv.sum(0);
+}
+
+// Point-to-point; post both sides before waiting on either (a ring can deadlock otherwise).
+inline Pending send_async(const Group& g, torch::Tensor t, int dst_group_rank, int tag) {
+  std::vector<torch::Tensor> tensors{t};
+  return launch(g, "send", nbytes(t), [&] { return g.pg->send(tensors, dst_group_rank, tag); });
+}
+inline Pending recv_async(const Group& g, torch::Tensor t, int src_group_rank, int tag) {
+  std::vector<torch::Tensor> tensors{t};
+  return launch(g, "recv", nbytes(t), [&] { return g.pg->recv(tensors, src_group_rank, tag); });
+}
+
+inline void barrier(const Group& g) {
+  if (g.size == 1) return;
+  launch(g, "barrier", 0, [&] { return g.pg->barrier(); }).wait();
+}
+
+}  // namespace lightron

@@ -1,0 +1,301 @@
+// lightron/gpt.hpp — the GPT model, in two flavours selected by GPTConfig:
+//   GPT-2: learned positions, LayerNorm, GELU (tanh form, as GPT-2), biases, tied embeddings.
+//   Llama: rotary positions (RoPE), RMSNorm, SwiGLU, grouped-query attention, no biases,
+//          untied output layer.
+// Parameter names are GPT-2's (wte wpe h.N.ln_1 h.N.attn.c_attn h.N.attn.c_proj h.N.ln_2
+// h.N.mlp.c_fc h.N.mlp.c_proj ln_f lm_head), so a HuggingFace export is a rename table.
+//
+// The model knows nothing about ranks. Its linear layers, embedding and loss are swappable
+// (held behind the small interfaces below) so that tensor_parallel.hpp and
+// pipeline_parallel.hpp can shard an existing, fully initialised model in place.
+// Leaves out: dropout (parity tests compare layouts exactly), KV caches.
+// Introduced in tutorial stage 0.
+#pragma once
+
+#include "core.hpp"
+
+#include <cmath>   // sqrt
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace lightron {
+
+struct GPTConfig {
+  int64_t num_layers = 4;               // L
+  int64_t hidden_size = 256;            // C
+  int64_t ffn_hidden_size = 0;          // F; 0 means 4·C
+  int64_t num_attention_heads = 4;      // H
+  int64_t num_query_groups = 0;         // G key/value heads; 0 means H (no grouping)
+  int64_t seq_length = 128;             // T
+  int64_t max_position_embeddings = 0;  // 0 means seq_length
+  int64_t vocab_size = 4096;            // V, already padded (see padded_vocab_size)
+  std::string normalization = "LayerNorm";                  // or RMSNorm
+  std::string position_embedding_type = "learned_absolute";  // or rope
+  bool swiglu = false;
+  bool untie_embeddings_and_output_weights = false;
+  bool add_bias_linear = true;
+  double init_method_std = 0.02;
+  double rotary_base = 10000.0;
+  double norm_epsilon = 1e-5;
+
+  int64_t head_dim() const { return hidden_size / num_attention_heads; }              // D
+  int64_t ffn() const { return ffn_hidden_size > 0 ? ffn_hidden_size : 4 * hidden_size; }
+  int64_t query_groups() const { return num_query_groups > 0 ? num_query_groups : num_attention_heads; }
+  int64_t max_positions() const { return max_position_embeddings > 0 ? max_position_embeddings : seq_length; }
+  bool rope() const { return position_embedding_type == "rope"; }
+  bool rms_norm() const { return normalization == "RMSNorm"; }
+  bool tied() const { return !untie_embeddings_and_output_weights; }
+  int64_t qkv_size() const { return (num_attention_heads + 2 * query_groups()) * head_dim(); }
+
+  // The two flavours, for tests and examples; flags override fields one by one.
+  static GPTConfig gpt2() { return GPTConfig{}; }
+  static GPTConfig llama() {
+    GPTConfig c;
+    c.normalization = "RMSNorm";
+    c.position_embedding_type = "rope";
+    c.swiglu = true;
+    c.untie_embeddings_and_output_weights = true;
+    c.add_bias_linear = false;
+    return c;
+  }
+};
+
+// Megatron pads the vocabulary so that it splits evenly over tensor-parallel ranks.
+inline int64_t padded_vocab_size(int64_t vocab, int64_t divisible_by, int64_t tp_size) {
+  const int64_t multiple = divisible_by * tp_size;
+  return (vocab + multiple - 1) / multiple * multiple;
+}
+
+// Checks the model's shape before anything is allocated; one line naming flag and values.
+inline void validate_model_config(const GPTConfig& c) {
+  const std::pair<const char*, int64_t> positive[] = {
+      {"num-layers", c.num_layers}, {"hidden-size", c.hidden_size},
+      {"num-attention-heads", c.num_attention_heads}, {"seq-length", c.seq_length},
+      {"vocab-size", c.vocab_size}};
+  for (const auto& [flag, value] : positive) require(value > 0, "--{} must be positive, got {}", flag, value);
+  require(c.ffn_hidden_size >= 0, "--ffn-hidden-size must be positive, got {}", c.ffn_hidden_size);
+  require(c.num_query_groups >= 0, "--num-query-groups must be positive, got {}", c.num_query_groups);
+  require(c.max_position_embeddings >= 0, "--max-position-embeddings must be positive, got {}",
+          c.max_position_embeddings);
+  require(c.hidden_size % c.num_attention_heads == 0,
+          "--hidden-size ({}) must be divisible by --num-attention-heads ({})", c.hidden_size,
+          c.num_attention_heads);
+  require(c.num_attention_heads % c.query_groups() == 0,
+          "--num-attention-heads ({}) must be divisible by --num-query-groups ({})",
+          c.num_attention_heads, c.query_groups());
+  require(c.seq_length <= c.max_positions(),
+          "--seq-length ({}) must not exceed --max-position-embeddings ({})", c.seq_length,
+          c.max_positions());
+  require(c.normalization == "LayerNorm" || c.normalization == "RMSNorm",
+          "--normalization must be LayerNorm or RMSNorm, got '{}'", c.normalization);
+  require(c.position_embedding_type == "learned_absolute" || c.position_embedding_type == "rope",
+          "--position-embedding-type must be learned_absolute or rope, got '{}'",
+          c.position_embedding_type);
+  require(!c.rope() || c.head_dim() % 2 == 0, "rope needs an even head size, got {} ({} / {})",
+          c.head_dim(), c.hidden_size, c.num_attention_heads);
+  require(c.init_method_std > 0, "--init-method-std must be positive, got {}", c.init_method_std);
+}
+
+// ---- the swappable parts -------------------------------------------------------------
+
+// y = x Wᵀ + b, W of shape (out, in). tensor_parallel.hpp substitutes its split versions.
+struct LinearLayer : torch::nn::Module {
+  virtual torch::Tensor forward(const torch::Tensor& x) = 0;
+};
+
+struct Linear : LinearLayer {
+  torch::Tensor weight, bias;  // (out, in), (out) or undefined
+  Linear(int64_t in, int64_t out, bool with_bias) {
+    weight = register_parameter("weight", torch::empty({out, in}));
+    if (with_bias) bias = register_parameter("bias", torch::zeros({out}));
+  }
+  torch::Tensor forward(const torch::Tensor& x) override { return torch::linear(x, weight, bias); }
+};
+
+// Token ids -> vectors: (B, T) -> (B, T, C).
+struct Embedding : torch::nn::Module {
+  torch::Tensor weight;  // (V, C)
+  Embedding() = default;
+  Embedding(int64_t num, int64_t dim) { weight = register_parameter("weight", torch::empty({num, dim})); }
+  virtual torch::Tensor forward(const torch::Tensor& ids) { return torch::embedding(weight, ids); }
+};
+
+// The output layer when it shares the token embedding's weight (GPT-2): no parameter of its
+// own, so the weight is counted, updated and saved once, as wte.weight.
+struct TiedLinear : LinearLayer {
+  std::shared_ptr<Embedding> wte;
+  explicit TiedLinear(std::shared_ptr<Embedding> e) : wte(std::move(e)) {}
+  torch::Tensor forward(const torch::Tensor& x) override { return torch::linear(x, wte->weight); }
+};
+
+// LayerNorm (weight, bias) or RMSNorm (weight only), computed in fp32.
+struct Norm : torch::nn::Module {
+  torch::Tensor weight, bias;
+  bool rms;
+  double eps;
+  Norm(int64_t dim, bool rms_norm, double epsilon) : rms(rms_norm), eps(epsilon) {
+    weight = register_parameter("weight", torch::ones({dim}));
+    if (!rms) bias = register_parameter("bias", torch::zeros({dim}));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    auto xf = x.to(torch::kFloat);
+    if (!rms) return torch::layer_norm(xf, {xf.size(-1)}, weight, bias, eps).to(x.scalar_type());
+    auto y = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
+    return (y * weight).to(x.scalar_type());
+  }
+};
+
+// ---- attention -------------------------------------------------------------------------
+
+// RoPE as in HuggingFace Llama ("rotate half"): (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
+inline torch::Tensor apply_rotary(const torch::Tensor& x, double base) {  // x: (B, H, T, D)
+  const int64_t T = x.size(2), D = x.size(3);
+  auto opts = torch::TensorOptions().dtype(torch::kFloat).device(x.device());
+  auto inv_freq = torch::pow(base, -torch::arange(0, D, 2, opts) / static_cast<double>(D));  // (D/2)
+  auto freqs = torch::outer(torch::arange(T, opts), inv_freq);                             // (T, D/2)
+  auto emb = torch::cat({freqs, freqs}, -1);                                               // (T, D)
+  auto xf = x.to(torch::kFloat);
+  auto halves = xf.chunk(2, -1);
+  auto rotated = torch::cat({-halves[1], halves[0]}, -1);
+  return (xf * emb.cos() + rotated * emb.sin()).to(x.scalar_type());
+}
+
+// softmax(q kᵀ / sqrt(D) + causal mask) v, the softmax in fp32. q: (B, H, T, D), k/v: (B, H, T, D).
+inline torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  const int64_t T = q.size(2);
+  auto scores = torch::matmul(q.to(torch::kFloat), k.to(torch::kFloat).transpose(-2, -1)) /
+                std::sqrt(static_cast<double>(q.size(-1)));  // (B, H, T, T)
+  auto future = torch::ones({T, T}, q.options().dtype(torch::kBool)).triu(/*diagonal=*/1);
+  auto probs = torch::softmax(scores.masked_fill(future, -INFINITY), -1).to(v.scalar_type());
+  return torch::matmul(probs, v);  // (B, H, T, D)
+}
+
+struct Attention : torch::nn::Module {
+  std::shared_ptr<LinearLayer> c_attn, c_proj;  // fused [Q | K | V] rows, and the output
+  int64_t num_heads, num_groups, head_dim;      // heads and groups held here (H/tp, G/tp under TP)
+  bool rope;
+  double rotary_base;
+  explicit Attention(const GPTConfig& c)
+      : num_heads(c.num_attention_heads), num_groups(c.query_groups()), head_dim(c.head_dim()),
+        rope(c.rope()), rotary_base(c.rotary_base) {
+    c_attn = register_module("c_attn", std::make_shared<Linear>(c.hidden_size, c.qkv_size(), c.add_bias_linear));
+    c_proj = register_module("c_proj", std::make_shared<Linear>(c.hidden_size, c.hidden_size, c.add_bias_linear));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {  // (B, T, C) -> (B, T, C)
+    auto qkv = c_attn->forward(x);                 // (B, T, (H + 2G) D)
+    const int64_t B = qkv.size(0), T = qkv.size(1);
+    auto parts = qkv.split({num_heads * head_dim, num_groups * head_dim, num_groups * head_dim}, -1);
+    auto heads = [&](const torch::Tensor& t, int64_t n) { return t.view({B, T, n, head_dim}).transpose(1, 2); };
+    auto q = heads(parts[0], num_heads), k = heads(parts[1], num_groups), v = heads(parts[2], num_groups);
+    if (rope) {
+      q = apply_rotary(q, rotary_base);
+      k = apply_rotary(k, rotary_base);
+    }
+    if (num_groups != num_heads) {  // grouped-query attention: head h reads group h / (H/G)
+      k = k.repeat_interleave(num_heads / num_groups, /*dim=*/1);
+      v = v.repeat_interleave(num_heads / num_groups, /*dim=*/1);
+    }
+    auto y = causal_attention(q, k, v).transpose(1, 2).reshape({B, T, num_heads * head_dim});
+    return c_proj->forward(y);
+  }
+};
+
+// GELU MLP (GPT-2) or SwiGLU (Llama: c_fc holds the gate rows, then the up rows).
+struct MLP : torch::nn::Module {
+  std::shared_ptr<LinearLayer> c_fc, c_proj;
+  bool swiglu;
+  explicit MLP(const GPTConfig& c) : swiglu(c.swiglu) {
+    const int64_t fc_out = c.swiglu ? 2 * c.ffn() : c.ffn();
+    c_fc = register_module("c_fc", std::make_shared<Linear>(c.hidden_size, fc_out, c.add_bias_linear));
+    c_proj = register_module("c_proj", std::make_shared<Linear>(c.ffn(), c.hidden_size, c.add_bias_linear));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    auto h = c_fc->forward(x);  // (B, T, F) or (B, T, 2F)
+    if (swiglu) {
+      auto gate_up = h.chunk(2, -1);
+      h = torch::silu(gate_up[0]) * gate_up[1];
+    } else {
+      h = torch::gelu(h, "tanh");
+    }
+    return c_proj->forward(h);
+  }
+};
+
+struct Block : torch::nn::Module {
+  std::shared_ptr<Norm> ln_1, ln_2;
+  std::shared_ptr<Attention> attn;
+  std::shared_ptr<MLP> mlp;
+  explicit Block(const GPTConfig& c) {
+    ln_1 = register_module("ln_1", std::make_shared<Norm>(c.hidden_size, c.rms_norm(), c.norm_epsilon));
+    attn = register_module("attn", std::make_shared<Attention>(c));
+    ln_2 = register_module("ln_2", std::make_shared<Norm>(c.hidden_size, c.rms_norm(), c.norm_epsilon));
+    mlp = register_module("mlp", std::make_shared<MLP>(c));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {  // pre-norm residual block, (B, T, C)
+    auto h = x + attn->forward(ln_1->forward(x));
+    return h + mlp->forward(ln_2->forward(h));
+  }
+};
+
+// Cross-entropy averaged over all B·T tokens, in fp32. logits (B, T, V), labels (B, T).
+inline torch::Tensor cross_entropy_loss(const torch::Tensor& logits, const torch::Tensor& labels) {
+  return torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}).to(torch::kFloat),
+                                              labels.reshape({-1}));
+}
+
+struct GPT : torch::nn::Module {
+  GPTConfig config;
+  std::shared_ptr<Embedding> wte, wpe;  // wpe only with learned positions
+  std::shared_ptr<torch::nn::Module> h; // children "0".."L-1" (their global layer numbers)
+  std::vector<std::shared_ptr<Block>> blocks;
+  std::shared_ptr<Norm> ln_f;
+  std::shared_ptr<LinearLayer> lm_head;  // TiedLinear (not registered) or Linear
+  // (logits, labels) -> mean loss; tensor_parallel.hpp swaps in the vocab-parallel one.
+  std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)> loss_fn = cross_entropy_loss;
+
+  explicit GPT(const GPTConfig& c) : config(c) {
+    validate_model_config(c);
+    wte = register_module("wte", std::make_shared<Embedding>(c.vocab_size, c.hidden_size));
+    if (!c.rope()) wpe = register_module("wpe", std::make_shared<Embedding>(c.max_positions(), c.hidden_size));
+    h = register_module("h", std::make_shared<torch::nn::Module>());
+    for (int64_t i = 0; i < c.num_layers; ++i)
+      blocks.push_back(h->register_module(std::to_string(i), std::make_shared<Block>(c)));
+    ln_f = register_module("ln_f", std::make_shared<Norm>(c.hidden_size, c.rms_norm(), c.norm_epsilon));
+    if (c.tied()) lm_head = std::make_shared<TiedLinear>(wte);
+    else lm_head = register_module("lm_head", std::make_shared<Linear>(c.hidden_size, c.vocab_size, false));
+    init_weights();
+  }
+
+  // Normal(0, std) for weights, std/sqrt(2L) for the projections that write into the
+  // residual stream (attn.c_proj, mlp.c_proj; GPT-2 and Megatron), zero biases, unit norms.
+  // Drawn in registration order from the global generator: the seed fixes every weight.
+  void init_weights() {
+    torch::NoGradGuard no_grad;
+    const double scaled_std = config.init_method_std / std::sqrt(2.0 * config.num_layers);
+    for (auto& p : named_parameters()) {
+      const std::string& name = p.key();
+      auto ends_with = [&](const std::string& s) {
+        return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
+      };
+      if (name.find("ln_") != std::string::npos) continue;  // norms keep ones / zeros
+      if (ends_with(".bias")) p.value().zero_();
+      else p.value().normal_(0.0, ends_with("c_proj.weight") ? scaled_std : config.init_method_std);
+    }
+  }
+
+  torch::Tensor embed(const torch::Tensor& ids) {  // (B, T) -> (B, T, C)
+    auto x = wte->forward(ids);
+    if (wpe) x = x + wpe->forward(torch::arange(ids.size(1), ids.options()));
+    return x;
+  }
+  torch::Tensor logits(const torch::Tensor& x) { return lm_head->forward(ln_f->forward(x)); }  // (B, T, V)
+  torch::Tensor forward(const torch::Tensor& ids) {
+    auto x = embed(ids);
+    for (auto& block : blocks) x = block->forward(x);
+    return logits(x);
+  }
+  torch::Tensor loss(const torch::Tensor& ids, const torch::Tensor& labels) { return loss_fn(forward(ids), labels); }
+};
+
+}  // namespace lightron

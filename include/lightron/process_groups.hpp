@@ -1,0 +1,260 @@
+// lightron/process_groups.hpp — from "N processes started by a launcher" to "a rank grid with
+// its communicators":
+//   1. rank, world size and local rank from the launcher's environment (Open MPI, MPICH,
+//      Slurm, torchrun; a plain process is a world of 1). lightron never links MPI:
+//      mpirun only starts the processes;
+//   2. a rendezvous through a c10d TCPStore at MASTER_ADDR:MASTER_PORT that names the ranks
+//      that never arrived;
+//   3. the grid world = tp × cp × dp × pp, tensor-parallel ranks innermost (neighbours share a
+//      node's fast links) and pipeline outermost, as Megatron-LM:
+//          rank = tp_rank + tp·(cp_rank + cp·(dp_rank + dp·pp_rank));
+//   4. one Gloo (CPU) or NCCL (CUDA) communicator per group this rank belongs to, each under
+//      its own store prefix, created in the same order on every rank.
+// Leaves out: elastic membership changes. Introduced in tutorial stage 1.
+#pragma once
+
+#include "collectives.hpp"
+
+#include <torch/csrc/distributed/c10d/HashStore.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef USE_C10D_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include <atomic>
+#include <thread>
+
+namespace lightron {
+
+struct LaunchEnv {
+  int rank = 0, world_size = 1, local_rank = 0;
+  std::string launcher = "single process";
+};
+
+// Reads the launcher's variables; `get` is std::getenv, or a table in the unit tests.
+inline LaunchEnv launch_env(const std::function<const char*(const char*)>& get = [](const char* k) { return std::getenv(k); }) {
+  struct Names { const char *launcher, *rank, *size, *local; };
+  const Names launchers[] = {{"Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"},
+                             {"MPICH/Hydra", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"},
+                             {"Slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"},
+                             {"torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"}};
+  auto number = [&](const char* key, int fallback) {
+    const char* text = get(key);
+    if (text == nullptr) return fallback;
+    char* end = nullptr;
+    long value = std::strtol(text, &end, 10);
+    require(*text != '\0' && *end == '\0' && value >= 0, "environment variable {}='{}' is not a rank number", key, text);
+    return static_cast<int>(value);
+  };
+  for (const auto& n : launchers) {
+    if (get(n.rank) == nullptr) continue;
+    LaunchEnv env{number(n.rank, 0), number(n.size, 1), number(n.local, 0), n.launcher};
+    require(env.world_size >= 1 && env.rank < env.world_size, "{}: rank {} is outside world size {} ({} / {})",
+            n.launcher, env.rank, env.world_size, n.rank, n.size);
+    return env;
+  }
+  return LaunchEnv{};
+}
+
+struct Layout {
+  int64_t tp = 1, cp = 1, dp = 1, pp = 1;
+  int64_t world() const { return tp * cp * dp * pp; }
+};
+
+// A pure check, run before anything is allocated. Later chapters add model-shape checks.
+inline void validate_layout(const Layout& l, int64_t world_size) {
+  require(l.tp >= 1, "--tensor-model-parallel-size must be at least 1, got {}", l.tp);
+  require(l.cp >= 1, "--context-parallel-size must be at least 1, got {}", l.cp);
+  require(l.dp >= 1, "--data-parallel-size must be at least 1, got {}", l.dp);
+  require(l.pp >= 1, "--pipeline-model-parallel-size must be at least 1, got {}", l.pp);
+  require(l.world() == world_size,
+          "tensor ({}) x context ({}) x data ({}) x pipeline ({}) parallel sizes = {} must equal the number of "
+          "ranks ({}); launch with mpirun -np {} or change the sizes",
+          l.tp, l.cp, l.dp, l.pp, l.world(), world_size, l.world());
+}
+
+struct Coords {
+  int64_t tp = 0, cp = 0, dp = 0, pp = 0;
+};
+inline Coords coords_of(int64_t rank, const Layout& l) {
+  return {rank % l.tp, rank / l.tp % l.cp, rank / (l.tp * l.cp) % l.dp, rank / (l.tp * l.cp * l.dp)};
+}
+inline int64_t rank_of(const Coords& c, const Layout& l) { return c.tp + l.tp * (c.cp + l.cp * (c.dp + l.dp * c.pp)); }
+
+struct GroupOptions {
+  std::chrono::milliseconds timeout{60000};  // collectives and rendezvous; c10d's default is 30 min
+  bool cuda = false;                         // NCCL for CUDA tensors, Gloo otherwise
+};
+
+inline BackendPtr make_backend(const c10::intrusive_ptr<c10d::Store>& store, const std::string& prefix, int rank,
+                               int size, const GroupOptions& opt) {
+  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(prefix, store);
+#ifdef USE_C10D_NCCL
+  if (opt.cuda) {
+    auto nccl = c10d::ProcessGroupNCCL::Options::create();
+    nccl->timeout = opt.timeout;
+    return c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, size, nccl);
+  }
+#else
+  require(!opt.cuda, "--device cuda needs a LibTorch built with NCCL; this one has none");
+#endif
+  auto gloo = c10d::ProcessGroupGloo::Options::create(opt.timeout);
+  const char* addr = std::getenv("MASTER_ADDR");
+  gloo->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(addr ? addr : "127.0.0.1"));
+  return c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, gloo);
+}
+
+struct ProcessGroups {
+  Layout layout;
+  int rank = 0, world_size = 1, local_rank = 0;
+  Coords coords;
+  Group world, tp, cp, dp, pp;
+  Group embedding;  // first and last pipeline stage: their tied embedding gradients are summed
+  c10::intrusive_ptr<c10d::Store> store;
+  std::atomic<bool> stop_heartbeat{false};
+  std::thread heartbeat;
+
+  bool pp_is_first_stage() const { return coords.pp == 0; }
+  bool pp_is_last_stage() const { return coords.pp == layout.pp - 1; }
+  int pp_prev_rank() const { return pp.ranks[(pp.rank + pp.size - 1) % pp.size]; }  // global ranks
+  int pp_next_rank() const { return pp.ranks[(pp.rank + 1) % pp.size]; }
+
+  ~ProcessGroups() {
+    stop_heartbeat = true;
+    if (heartbeat.joinable()) heartbeat.join();
+  }
+};
+
+// Members of the group through `c` that varies one coordinate (`vary` picks it).
+inline std::vector<int> group_members(Coords c, const Layout& l, int64_t Coords::*vary, int64_t extent) {
+  std::vector<int> ranks;
+  for (int64_t i = 0; i < extent; ++i) {
+    c.*vary = i;
+    ranks.push_back(static_cast<int>(rank_of(c, l)));
+  }
+  return ranks;
+}
+
+// Builds the grid's groups from an existing store (a TCPStore, or a HashStore shared by
+// threads in a unit test). Every rank creates its groups in the same order.
+inline std::unique_ptr<ProcessGroups> make_process_groups(const c10::intrusive_ptr<c10d::Store>& store, int rank,
+                                                          const Layout& layout, const GroupOptions& opt = {}) {
+  validate_layout(layout, layout.world());
+  auto g = std::make_unique<ProcessGroups>();
+  g->layout = layout;
+  g->rank = rank;
+  g->world_size = static_cast<int>(layout.world());
+  g->coords = coords_of(rank, layout);
+  g->store = store;
+  auto build = [&](const std::string& name, std::vector<int> members) {
+    Group group{name, nullptr, 0, static_cast<int>(members.size()), members};
+    group.rank = static_cast<int>(std::find(members.begin(), members.end(), rank) - members.begin());
+    if (group.size > 1) group.pg = make_backend(store, fmt::format("{}/{}", name, members[0]), group.rank, group.size, opt);
+    return group;
+  };
+  std::vector<int> everyone(g->world_size);
+  std::iota(everyone.begin(), everyone.end(), 0);
+  g->world = build("world", everyone);
+  g->tp = build("tp", group_members(g->coords, layout, &Coords::tp, layout.tp));
+  g->cp = build("cp", group_members(g->coords, layout, &Coords::cp, layout.cp));
+  g->dp = build("dp", group_members(g->coords, layout, &Coords::dp, layout.dp));
+  g->pp = build("pp", group_members(g->coords, layout, &Coords::pp, layout.pp));
+  if (layout.pp > 1 && (g->pp_is_first_stage() || g->pp_is_last_stage()))
+    g->embedding = build("embedding", {g->pp.ranks.front(), g->pp.ranks.back()});
+  global_rank() = rank;
+  rank_prefix() = layout.cp > 1 ? fmt::format("[rank {} | tp {} cp {} dp {} pp {}]", rank, g->coords.tp, g->coords.cp,
+                                              g->coords.dp, g->coords.pp)
+                                : fmt::format("[rank {} | tp {} dp {} pp {}]", rank, g->coords.tp, g->coords.dp, g->coords.pp);
+  return g;
+}
+
+// Every rank bumps a counter in the store each second; after a failed collective, the
+// survivors read the counters twice and name the ranks whose counters stood still.
+inline void start_heartbeat(ProcessGroups& g, const std::string& host, uint16_t port) {
+  auto connect = [host, port](std::chrono::milliseconds timeout) {
+    c10d::TCPStoreOptions o;
+    o.port = port;
+    o.timeout = timeout;
+    return c10::make_intrusive<c10d::TCPStore>(host, o);
+  };
+  g.heartbeat = std::thread([&g, connect] {
+    auto store = connect(std::chrono::seconds(10));
+    const std::string key = fmt::format("lightron/alive/{}", g.rank);
+    while (!g.stop_heartbeat) {
+      try { store->add(key, 1); } catch (...) { return; }
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    }
+  });
+  describe_lost_ranks() = [connect, world = g.world_size]() -> std::string {
+    try {
+      auto store = connect(std::chrono::seconds(3));
+      auto read = [&] {
+        std::vector<int64_t> beats;
+        for (int r = 0; r < world; ++r) beats.push_back(store->add(fmt::format("lightron/alive/{}", r), 0));
+        return beats;
+      };
+      auto before = read();
+      std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+      auto after = read();
+      std::vector<int> lost;
+      for (int r = 0; r < world; ++r)
+        if (after[r] == before[r]) lost.push_back(r);
+      return lost.empty() ? "every rank is still alive (a timeout: one is stuck?)"
+                          : fmt::format("lost rank(s) {} (no heartbeat for 2.5 s)", fmt::join(lost, ","));
+    } catch (const std::exception&) {
+      return "lost rank 0 (it hosts the rendezvous store, which no longer answers)";
+    }
+  };
+}
+
+// The launcher's ranks meet at MASTER_ADDR:MASTER_PORT; rank 0 hosts the TCPStore (unless
+// torchrun's agent already does). Waits for everybody and names whoever never arrived.
+inline std::unique_ptr<ProcessGroups> init_process_groups(const Layout& layout, const GroupOptions& opt = {}) {
+  const LaunchEnv env = launch_env();
+  global_rank() = env.rank;
+  validate_layout(layout, env.world_size);
+  if (env.world_size == 1) {
+    auto g = make_process_groups(c10::make_intrusive<c10d::HashStore>(), 0, layout, opt);
+    return g;
+  }
+  const char* addr_env = std::getenv("MASTER_ADDR");
+  const char* port_env = std::getenv("MASTER_PORT");
+  const std::string host = addr_env ? addr_env : "127.0.0.1";
+  const uint16_t port = static_cast<uint16_t>(port_env ? std::atoi(port_env) : 29500);
+  const char* agent = std::getenv("TORCHELASTIC_USE_AGENT_STORE");
+  c10d::TCPStoreOptions o;
+  o.port = port;
+  o.isServer = env.rank == 0 && !(agent && std::string(agent) == "True");
+  o.numWorkers = env.world_size;
+  o.waitWorkers = false;
+  o.timeout = opt.timeout;
+  c10::intrusive_ptr<c10d::Store> store;
+  try {
+    store = c10::make_intrusive<c10d::TCPStore>(host, o);
+  } catch (const std::exception& e) {
+    throw RuntimeFailure(fmt::format("rank {}: cannot reach the rendezvous store at {}:{} within {} s ({}); is rank 0 "
+                                     "running, and are MASTER_ADDR/MASTER_PORT the same on every rank?",
+                                     env.rank, host, port, opt.timeout.count() / 1000, first_line(e.what())));
+  }
+  store->set(fmt::format("lightron/arrived/{}", env.rank), std::vector<uint8_t>{1});
+  const Timer waited;
+  for (;;) {
+    std::vector<int> missing;
+    for (int r = 0; r < env.world_size; ++r)
+      if (!store->check({fmt::format("lightron/arrived/{}", r)})) missing.push_back(r);
+    if (missing.empty()) break;
+    if (waited.seconds() * 1000 > double(opt.timeout.count()))
+      throw RuntimeFailure(fmt::format("rank {}: rendezvous at {}:{} timed out after {} s: rank(s) {} of {} never arrived",
+                                       env.rank, host, port, opt.timeout.count() / 1000, fmt::join(missing, ","),
+                                       env.world_size));
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  auto g = make_process_groups(store, env.rank, layout, opt);
+  g->local_rank = env.local_rank;
+  start_heartbeat(*g, host, port);
+  return g;
+}
+
+}  // namespace lightron

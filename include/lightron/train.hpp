@@ -1,0 +1,193 @@
+// lightron/train.hpp — what a training step needs besides the model: the optimizer (AdamW),
+// the learning-rate schedule (warmup, then cosine/linear/constant decay to --min-lr),
+// global-norm gradient clipping, FLOP counting for MFU, and the metrics (a Megatron-style
+// log line and the same numbers as JSON lines).
+//
+// The step itself is a few lines in each example, because that is where the parallel
+// layouts differ: who runs forward/backward (pipeline_parallel.hpp), who reduces gradients
+// (data_parallel.hpp), which gradients count towards the norm (tensor_parallel.hpp).
+// Leaves out: loss scaling (fp16), other optimizers. Introduced in tutorial stage 0.
+#pragma once
+
+#include "core.hpp"
+
+#include <sys/resource.h>  // getrusage: peak memory on CPU
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+namespace lightron {
+
+struct TrainConfig {
+  int64_t micro_batch_size = 8;
+  int64_t global_batch_size = 8;
+  int64_t train_iters = 100;
+  double lr = 1e-3, min_lr = 1e-4;
+  std::string lr_decay_style = "cosine";  // cosine | linear | constant
+  int64_t lr_warmup_iters = 0;
+  int64_t lr_decay_iters = 0;  // 0 means train_iters
+  double weight_decay = 0.1, adam_beta1 = 0.9, adam_beta2 = 0.95, adam_eps = 1e-8;
+  double clip_grad = 1.0;  // 0 disables clipping
+  int64_t eval_interval = 0, eval_iters = 10, log_interval = 10;
+  uint64_t seed = 1234;
+
+  int64_t accumulation_steps(int64_t dp_size) const { return global_batch_size / (micro_batch_size * dp_size); }
+};
+
+inline void validate_train_config(const TrainConfig& t, int64_t dp_size) {
+  require(t.micro_batch_size > 0, "--micro-batch-size must be positive, got {}", t.micro_batch_size);
+  require(t.global_batch_size > 0, "--global-batch-size must be positive, got {}", t.global_batch_size);
+  require(t.train_iters > 0, "--train-iters must be positive, got {}", t.train_iters);
+  require(t.global_batch_size % (t.micro_batch_size * dp_size) == 0,
+          "--global-batch-size ({}) must be divisible by --micro-batch-size ({}) x data-parallel size ({})",
+          t.global_batch_size, t.micro_batch_size, dp_size);
+  require(t.lr > 0, "--lr must be positive, got {}", t.lr);
+  require(t.min_lr >= 0 && t.min_lr <= t.lr, "--min-lr ({}) must be between 0 and --lr ({})", t.min_lr, t.lr);
+  require(t.lr_decay_style == "cosine" || t.lr_decay_style == "linear" || t.lr_decay_style == "constant",
+          "--lr-decay-style must be cosine, linear or constant, got '{}'", t.lr_decay_style);
+  require(t.lr_warmup_iters >= 0, "--lr-warmup-iters must not be negative, got {}", t.lr_warmup_iters);
+  require(t.lr_decay_iters >= 0, "--lr-decay-iters must not be negative, got {}", t.lr_decay_iters);
+  require(t.weight_decay >= 0, "--weight-decay must not be negative, got {}", t.weight_decay);
+  require(t.adam_beta1 >= 0 && t.adam_beta1 < 1, "--adam-beta1 must be in [0, 1), got {}", t.adam_beta1);
+  require(t.adam_beta2 >= 0 && t.adam_beta2 < 1, "--adam-beta2 must be in [0, 1), got {}", t.adam_beta2);
+  require(t.adam_eps > 0, "--adam-eps must be positive, got {}", t.adam_eps);
+  require(t.clip_grad >= 0, "--clip-grad must not be negative, got {}", t.clip_grad);
+  require(t.log_interval > 0, "--log-interval must be positive, got {}", t.log_interval);
+  require(t.eval_interval >= 0 && t.eval_iters >= 0, "--eval-interval ({}) and --eval-iters ({}) must not be negative",
+          t.eval_interval, t.eval_iters);
+}
+
+// Learning rate at 1-based `iteration`: linear warmup to lr, then decay to min_lr by
+// lr_decay_iters (Megatron's shape; cosine: min + (lr - min)·(1 + cos(π·progress))/2).
+inline double lr_at(const TrainConfig& t, int64_t iteration) {
+  if (iteration <= t.lr_warmup_iters) return t.lr * iteration / t.lr_warmup_iters;
+  const int64_t decay_iters = t.lr_decay_iters > 0 ? t.lr_decay_iters : t.train_iters;
+  if (t.lr_decay_style == "constant" || decay_iters <= t.lr_warmup_iters) return t.lr;
+  const double progress = std::min(1.0, double(iteration - t.lr_warmup_iters) / double(decay_iters - t.lr_warmup_iters));
+  const double coeff = t.lr_decay_style == "linear" ? 1.0 - progress : 0.5 * (1.0 + std::cos(M_PI * progress));
+  return t.min_lr + coeff * (t.lr - t.min_lr);
+}
+
+// AdamW with decoupled weight decay, as torch.optim.AdamW. Biases and norm weights (every
+// 1-D parameter) are not decayed. State is plain tensors so checkpoints and ZeRO can see it.
+struct AdamW {
+  struct Slot {
+    std::string name;
+    torch::Tensor param, exp_avg, exp_avg_sq;
+    bool decay;
+  };
+  std::vector<Slot> slots;
+  int64_t step_count = 0;
+  double beta1, beta2, eps, weight_decay;
+
+  AdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_params, const TrainConfig& t)
+      : beta1(t.adam_beta1), beta2(t.adam_beta2), eps(t.adam_eps), weight_decay(t.weight_decay) {
+    for (const auto& [name, p] : named_params)
+      slots.push_back({name, p, torch::zeros_like(p), torch::zeros_like(p), p.dim() >= 2});
+  }
+
+  void step(double lr) {
+    torch::NoGradGuard no_grad;
+    ++step_count;
+    const double bias1 = 1.0 - std::pow(beta1, double(step_count));
+    const double bias2 = 1.0 - std::pow(beta2, double(step_count));
+    for (auto& s : slots) {
+      if (!s.param.grad().defined()) continue;
+      auto grad = s.param.grad();
+      if (s.decay) s.param.mul_(1.0 - lr * weight_decay);
+      s.exp_avg.mul_(beta1).add_(grad, 1.0 - beta1);
+      s.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1.0 - beta2);
+      auto denom = (s.exp_avg_sq.sqrt() / std::sqrt(bias2)).add_(eps);
+      s.param.addcdiv_(s.exp_avg, denom, -lr / bias1);
+    }
+  }
+
+  void zero_grad() {
+    for (auto& s : slots)
+      if (s.param.grad().defined()) s.param.mutable_grad().zero_();
+  }
+};
+
+inline std::vector<std::pair<std::string, torch::Tensor>> named_parameters_of(torch::nn::Module& m) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& p : m.named_parameters()) out.emplace_back(p.key(), p.value());
+  return out;
+}
+
+// Σ‖g‖² over the given gradients, in fp64 on the CPU (a scalar every rank can reduce).
+inline double grad_sq_norm(const std::vector<torch::Tensor>& params) {
+  double sum = 0.0;
+  for (const auto& p : params)
+    if (p.grad().defined()) sum += p.grad().to(torch::kDouble).pow(2).sum().item<double>();
+  return sum;
+}
+
+// Scales every gradient by min(1, max_norm / total_norm); returns total_norm unchanged.
+inline double clip_grads(const std::vector<torch::Tensor>& params, double total_norm, double max_norm) {
+  if (max_norm <= 0 || total_norm <= max_norm) return total_norm;
+  torch::NoGradGuard no_grad;
+  const double scale = max_norm / (total_norm + 1e-6);
+  for (const auto& p : params)
+    if (p.grad().defined()) p.grad().mul_(scale);
+  return total_norm;
+}
+
+// Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's
+// 12·L·C·T (the two T×T matrix products, forward and backward), as nanoGPT and PaLM count.
+inline double flops_per_token(int64_t num_params, int64_t num_layers, int64_t hidden, int64_t seq) {
+  return 6.0 * double(num_params) + 12.0 * double(num_layers * hidden * seq);
+}
+
+// Peak resident memory of this process in MiB (CPU), from getrusage.
+inline double peak_memory_mib() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return double(usage.ru_maxrss) / 1024.0;
+}
+
+struct StepMetrics {
+  int64_t iteration = 0, consumed_samples = 0;
+  double lr = 0, loss = 0, grad_norm = 0, ms_per_iter = 0, tokens_per_s = 0, tflops = 0, mfu = 0, peak_mib = 0;
+};
+
+// Writes the Megatron-style line to stdout and a JSON line to the metrics file (rank 0 only).
+struct MetricsLog {
+  std::FILE* file = nullptr;
+  explicit MetricsLog(const std::string& path) {
+    if (!path.empty() && global_rank() == 0) {
+      file = std::fopen(path.c_str(), "w");
+      require(file != nullptr, "--metrics-file: cannot open '{}' for writing", path);
+    }
+  }
+  ~MetricsLog() {
+    if (file) std::fclose(file);
+  }
+  MetricsLog(const MetricsLog&) = delete;
+  MetricsLog& operator=(const MetricsLog&) = delete;
+
+  void log(const StepMetrics& m, int64_t train_iters) {
+    print0(" iteration {:>6}/{:>6} | consumed samples {:>8} | lr {:.3e} | loss {:.6f} | grad norm {:.3f} |"
+           " {:.1f} ms/iter | {:.0f} tokens/s | {:.3f} TFLOP/s | MFU {:.1f}% | peak mem {:.0f} MiB\n",
+           m.iteration, train_iters, m.consumed_samples, m.lr, m.loss, m.grad_norm, m.ms_per_iter,
+           m.tokens_per_s, m.tflops, 100.0 * m.mfu, m.peak_mib);
+    json(fmt::format("{{\"iteration\": {}, \"consumed_samples\": {}, \"lr\": {:.9g}, \"loss\": {:.9g}, "
+                     "\"grad_norm\": {:.9g}, \"ms_per_iter\": {:.4f}, \"tokens_per_s\": {:.2f}, "
+                     "\"tflops\": {:.6f}, \"mfu\": {:.6f}, \"peak_mib\": {:.1f}}}",
+                     m.iteration, m.consumed_samples, m.lr, m.loss, m.grad_norm, m.ms_per_iter,
+                     m.tokens_per_s, m.tflops, m.mfu, m.peak_mib));
+  }
+  void log_eval(int64_t iteration, double loss) {
+    print0(" validation at iteration {} | loss {:.6f} | ppl {:.3f}\n", iteration, loss, std::exp(loss));
+    json(fmt::format("{{\"iteration\": {}, \"eval_loss\": {:.9g}}}", iteration, loss));
+  }
+  void json(const std::string& line) {
+    if (!file) return;
+    fmt::print(file, "{}\n", line);
+    std::fflush(file);
+  }
+};
+
+}  // namespace lightron
