@@ -77,8 +77,8 @@ inline std::string first_line(const std::string& text) {
 inline int run_main(const std::function<int()>& body) {
   try {
     return body();
-  } catch (const UsageError& e) {
-    fmt::print(stderr, "{}\n", with_prefix(std::string("error: ") + e.what()));
+  } catch (const UsageError& e) {  // every rank finds the same mistake: rank 0 says it
+    if (global_rank() == 0) fmt::print(stderr, "{}\n", with_prefix(std::string("error: ") + e.what()));
     return kUsageExitCode;
   } catch (const c10::Error& e) {
     fmt::print(stderr, "{}\n", with_prefix("error: " + first_line(e.what_without_backtrace())));

@@ -12,13 +12,15 @@
 #include "indexed_dataset.hpp"
 
 #include <algorithm>  // upper_bound
-#include <array>
 #include <cmath>   // nearbyint
 #include <cstdio>  // popen
+#include <cstdlib>  // mkstemp
 #include <filesystem>
 #include <fstream>
 #include <random>  // mt19937_64
 #include <sstream>
+
+#include <unistd.h>  // close
 
 namespace lightron {
 
@@ -112,6 +114,7 @@ class GPTDataset : public GPTSampleSource {
   int64_t num_tokens() const { return num_tokens_; }
 
   torch::Tensor get(int64_t i) const override {
+    require(i >= 0, "{}: sample index {} is negative", indexed_.prefix(), i);
     auto sample = torch::empty({seq_length_ + 1}, torch::kInt64);  // (T+1,)
     int64_t* out = sample.data_ptr<int64_t>();
     int64_t position = (i % size()) * seq_length_, needed = seq_length_ + 1;
@@ -301,9 +304,10 @@ inline std::vector<int64_t> encode_with_cli(const std::string& model_path,
     for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
     return q + "'";
   };
-  const auto input = (std::filesystem::temp_directory_path() /
-                      fmt::format("lightron_spm_{}_{:x}.txt", ::getpid(),
-                                  mix64(std::hash<std::string>{}(text)))).string();
+  std::string input = (std::filesystem::temp_directory_path() / "lightron_spm_XXXXXX").string();
+  const int fd = ::mkstemp(input.data());  // a fresh file, even with several threads
+  require(fd >= 0, "{}: cannot create a temporary file for spm_encode", input);
+  ::close(fd);
   {
     std::ofstream out(input);
     for (char c : text) c == '\n' ? out << "<n>" : out << c;

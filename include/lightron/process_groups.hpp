@@ -149,7 +149,7 @@ inline std::unique_ptr<ProcessGroups> make_process_groups(const c10::intrusive_p
   g->coords = coords_of(rank, layout);
   g->store = store;
   auto build = [&](const std::string& name, std::vector<int> members) {
-    Group group{name, nullptr, 0, static_cast<int>(members.size()), members};
+    Group group{name, BackendPtr(), 0, static_cast<int>(members.size()), members};
     group.rank = static_cast<int>(std::find(members.begin(), members.end(), rank) - members.begin());
     if (group.size > 1) group.pg = make_backend(store, fmt::format("{}/{}", name, members[0]), group.rank, group.size, opt);
     return group;
@@ -163,11 +163,16 @@ inline std::unique_ptr<ProcessGroups> make_process_groups(const c10::intrusive_p
   g->pp = build("pp", group_members(g->coords, layout, &Coords::pp, layout.pp));
   if (layout.pp > 1 && (g->pp_is_first_stage() || g->pp_is_last_stage()))
     g->embedding = build("embedding", {g->pp.ranks.front(), g->pp.ranks.back()});
-  global_rank() = rank;
-  rank_prefix() = layout.cp > 1 ? fmt::format("[rank {} | tp {} cp {} dp {} pp {}]", rank, g->coords.tp, g->coords.cp,
-                                              g->coords.dp, g->coords.pp)
-                                : fmt::format("[rank {} | tp {} dp {} pp {}]", rank, g->coords.tp, g->coords.dp, g->coords.pp);
   return g;
+}
+
+// "[rank 5 | tp 1 dp 0 pp 1]": every message of this process from now on starts with it.
+inline void set_rank_prefix(const ProcessGroups& g) {
+  global_rank() = g.rank;
+  rank_prefix() = g.layout.cp > 1 ? fmt::format("[rank {} | tp {} cp {} dp {} pp {}]", g.rank, g.coords.tp, g.coords.cp,
+                                                g.coords.dp, g.coords.pp)
+                                  : fmt::format("[rank {} | tp {} dp {} pp {}]", g.rank, g.coords.tp, g.coords.dp,
+                                                g.coords.pp);
 }
 
 // Every rank bumps a counter in the store each second; after a failed collective, the
@@ -217,6 +222,7 @@ inline std::unique_ptr<ProcessGroups> init_process_groups(const Layout& layout, 
   validate_layout(layout, env.world_size);
   if (env.world_size == 1) {
     auto g = make_process_groups(c10::make_intrusive<c10d::HashStore>(), 0, layout, opt);
+    set_rank_prefix(*g);
     return g;
   }
   const char* addr_env = std::getenv("MASTER_ADDR");
@@ -253,6 +259,7 @@ inline std::unique_ptr<ProcessGroups> init_process_groups(const Layout& layout, 
   }
   auto g = make_process_groups(store, env.rank, layout, opt);
   g->local_rank = env.local_rank;
+  set_rank_prefix(*g);
   start_heartbeat(*g, host, port);
   return g;
 }

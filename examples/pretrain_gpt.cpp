@@ -1,0 +1,137 @@
+// pretrain_gpt — lightron's full training program, Megatron-LM's flag names, any layout.
+//
+//   build/examples/pretrain_gpt --data-path data/fortunes_text_document \
+//       --tokenizer-model data/tokenizer.model --num-layers 4 --hidden-size 256 \
+//       --num-attention-heads 4 --seq-length 128 --micro-batch-size 8 --global-batch-size 16 \
+//       --train-iters 200 --lr 1e-3 --sample-tokens 60
+//
+// Under mpirun (as root, and with more ranks than cores, Open MPI needs the two flags):
+//   mpirun -np 2 --allow-run-as-root --oversubscribe build/examples/pretrain_gpt ... \
+//       --data-parallel-size 2
+#include <lightron/arguments.hpp>
+#include <lightron/generate.hpp>
+#include <lightron/trainer.hpp>
+
+#include <memory>
+
+using namespace lightron;
+
+namespace {
+
+struct Datasets {
+  std::unique_ptr<GPTSampleSource> train, valid;
+};
+
+Datasets make_datasets(const Arguments& a) {
+  const int64_t T = a.model.seq_length;
+  if (a.mock_data)
+    return {std::make_unique<MockGPTDataset>(a.vocab_size, T, a.mock_samples, a.train.seed),
+            std::make_unique<MockGPTDataset>(a.vocab_size, T, a.mock_samples / 16 + 1, a.train.seed + 1)};
+  IndexedDataset indexed(a.data_path);
+  const auto split = split_documents(a.split, indexed.num_sequences());
+  Datasets d;
+  d.train = std::make_unique<GPTDataset>(indexed, split.train, T, a.train.seed);
+  if (split.valid.size() > 0) d.valid = std::make_unique<GPTDataset>(indexed, split.valid, T, a.train.seed);
+  return d;
+}
+
+std::vector<Batch> to_batches(const GPTSampleSource& source, const std::vector<std::vector<int64_t>>& micro) {
+  std::vector<Batch> batches;
+  for (const auto& indices : micro) batches.push_back(make_batch(source, indices));
+  return batches;
+}
+
+void print_samples(const Arguments& a, Trainer& trainer) {
+  if (a.sample_tokens <= 0 || a.tokenizer_model.empty()) return;
+  SpmVocab vocab(spm_vocab_path(a.tokenizer_model));
+  const char* prompts[] = {"The ", "A computer", "Love is", "You will", "Never"};
+  print0("\nsamples (temperature {}, top-k {}):\n", a.temperature, a.top_k);
+  for (int64_t i = 0; i < std::min<int64_t>(a.num_samples_to_print, 5); ++i) {
+    auto prompt = encode_with_cli(a.tokenizer_model, prompts[i]);
+    auto ids = generate([&](const torch::Tensor& x) { return trainer.model->forward(x); }, prompt, a.sample_tokens,
+                        a.model.seq_length, a.temperature, a.top_k, a.train.seed + i);
+    print0("--- {}\n", vocab.decode(ids));
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  return run_main([&] {
+    const LaunchEnv env = launch_env();
+    global_rank() = env.rank;
+    Arguments a = parse_arguments(argc, argv, "lightron: pretrain a GPT on any tp x dp x pp layout");
+    validate_arguments(a, env.world_size);  // before anything big is allocated
+    setup_process(a.num_threads);
+    GroupOptions group_options;
+    group_options.timeout = std::chrono::milliseconds(int64_t(a.distributed_timeout_seconds * 1000));
+    auto groups = init_process_groups(a.layout, group_options);
+    print0("lightron: {} rank(s) via {} | layout tp {} cp {} dp {} pp {} | vocab {} padded to {}\n", env.world_size,
+           env.launcher, a.layout.tp, a.layout.cp, a.layout.dp, a.layout.pp, a.vocab_size, a.model.vocab_size);
+
+    auto data = make_datasets(a);
+    ParallelOptions options;
+    options.ddp_impl = a.ddp_impl;
+    options.ddp_bucket_size = a.ddp_bucket_size;
+    Trainer trainer(a.model, a.train, options, *groups);
+    const int64_t num_params = [&] {
+      int64_t n = 0;
+      for (auto& p : trainer.params) n += p.numel();
+      return n;
+    }();
+    print0("model: {} parameters ({} layers, hidden {}, heads {}, seq {}) | global batch {} = micro {} x {} "
+           "accumulation x dp {}\n", num_params, a.model.num_layers, a.model.hidden_size, a.model.num_attention_heads,
+           a.model.seq_length, a.train.global_batch_size, a.train.micro_batch_size,
+           a.train.accumulation_steps(a.layout.dp), a.layout.dp);
+
+    DataSampler sampler(data.train->size(), a.train.global_batch_size, a.train.micro_batch_size,
+                        int(groups->coords.dp), int(a.layout.dp), a.train.seed);
+    int64_t first_iteration = 1;
+    if (!a.load.empty()) {
+      auto [iteration, consumed] = trainer.load(a.load);
+      first_iteration = iteration + 1;
+      sampler.consumed_samples = consumed;
+      print0("resumed from {} at iteration {} ({} samples consumed)\n", a.load, iteration, consumed);
+    }
+
+    MetricsLog metrics(a.metrics_file);
+    const double flops = flops_per_token(num_params, a.model.num_layers, a.model.hidden_size, a.model.seq_length);
+    const double peak = a.peak_tflops > 0 ? a.peak_tflops : 0.1 * a.num_threads;
+    Timer interval;
+    for (int64_t it = first_iteration; it <= a.train.train_iters; ++it) {
+      auto batches = to_batches(*data.train, sampler.next_global_batch());
+      const double loss = trainer.step(batches, it);
+      if (it % a.train.log_interval == 0 || it == a.train.train_iters) {
+        const int64_t iters = it % a.train.log_interval == 0 ? a.train.log_interval : it % a.train.log_interval;
+        StepMetrics m;
+        m.iteration = it;
+        m.consumed_samples = sampler.consumed_samples;
+        m.lr = lr_at(a.train, it);
+        m.loss = loss;
+        m.grad_norm = trainer.grad_norm;
+        m.ms_per_iter = interval.seconds() * 1000 / double(iters);
+        m.tokens_per_s = double(a.train.global_batch_size * a.model.seq_length) / (m.ms_per_iter / 1000);
+        m.tflops = m.tokens_per_s * flops / 1e12 / double(env.world_size);  // per rank
+        m.mfu = m.tflops / peak;
+        m.peak_mib = peak_memory_mib();
+        metrics.log(m, a.train.train_iters);
+        interval.reset();
+      }
+      if (a.train.eval_interval > 0 && data.valid && it % a.train.eval_interval == 0) {
+        DataSampler eval_sampler(data.valid->size(), a.train.global_batch_size, a.train.micro_batch_size,
+                                 int(groups->coords.dp), int(a.layout.dp), a.train.seed);
+        double sum = 0;
+        for (int64_t e = 0; e < a.train.eval_iters; ++e)
+          sum += trainer.evaluate(to_batches(*data.valid, eval_sampler.next_global_batch()));
+        metrics.log_eval(it, sum / double(std::max<int64_t>(1, a.train.eval_iters)));
+        interval.reset();
+      }
+      if (!a.save.empty() && a.save_interval > 0 && it % a.save_interval == 0)
+        trainer.save(a.save, it, sampler.consumed_samples);
+    }
+    if (!a.save.empty()) trainer.save(a.save, a.train.train_iters, sampler.consumed_samples);
+    print_samples(a, trainer);
+    barrier(groups->world);
+    return 0;
+  });
+}

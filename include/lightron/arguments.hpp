@@ -1,0 +1,168 @@
+// lightron/arguments.hpp — Megatron-LM's flag names, parsed with CLI11, and one validation
+// pass over all of them before anything big is allocated. A TOML file given with --config
+// can hold the same settings (`num-layers = 4`).
+//
+// This header is for the programs in examples/ (it needs CLI11); the library headers
+// take plain structs (GPTConfig, TrainConfig, Layout) and never parse flags themselves.
+// Introduced in tutorial stage 0; later stages add their flags here.
+#pragma once
+
+#include "data.hpp"
+#include "gpt.hpp"
+#include "process_groups.hpp"
+#include "train.hpp"
+
+#include <CLI/CLI.hpp>
+
+namespace lightron {
+
+struct Arguments {
+  GPTConfig model;
+  TrainConfig train;
+  Layout layout;                      // layout.dp == 0: derived from the world size
+  int64_t vocab_size = 0;             // before padding; 0: from the tokenizer's .vocab
+  int64_t make_vocab_size_divisible_by = 128;
+  std::string data_path, split = "969,30,1", tokenizer_model;
+  bool mock_data = false;
+  int64_t mock_samples = 1 << 16;
+  std::string save, load, metrics_file, comm_file;
+  int64_t save_interval = 0;
+  int num_threads = 1;
+  double peak_tflops = 0;             // 0: 0.1 TFLOP/s per CPU thread (measured GEMM peak)
+  double distributed_timeout_seconds = 60;
+  std::string ddp_impl = "bucketed";  // naive | bucketed
+  int64_t ddp_bucket_size = 40000000; // elements per gradient bucket
+  int64_t check_weight_hash_interval = 0;
+  int64_t sample_tokens = 0;          // after training, print samples of this many tokens
+  int64_t num_samples_to_print = 3;
+  double temperature = 0.8;
+  int64_t top_k = 40;
+};
+
+// data/tokenizer.model -> data/tokenizer.vocab (spm_train writes both).
+inline std::string spm_vocab_path(const std::string& model_path) {
+  const auto dot = model_path.rfind(".model");
+  return (dot == std::string::npos ? model_path : model_path.substr(0, dot)) + ".vocab";
+}
+
+inline void add_model_flags(CLI::App& app, GPTConfig& m) {
+  app.add_option("--num-layers", m.num_layers, "transformer blocks (L)");
+  app.add_option("--hidden-size", m.hidden_size, "channels (C)");
+  app.add_option("--ffn-hidden-size", m.ffn_hidden_size, "MLP size (F); 0 means 4 x hidden-size");
+  app.add_option("--num-attention-heads", m.num_attention_heads, "attention heads (H)");
+  app.add_option("--num-query-groups", m.num_query_groups, "key/value groups (G); 0 means H");
+  app.add_option("--seq-length", m.seq_length, "tokens per sample (T)");
+  app.add_option("--max-position-embeddings", m.max_position_embeddings, "0 means seq-length");
+  app.add_option("--normalization", m.normalization, "LayerNorm or RMSNorm");
+  app.add_option("--position-embedding-type", m.position_embedding_type, "learned_absolute or rope");
+  app.add_option("--rotary-base", m.rotary_base, "RoPE base");
+  app.add_flag("--swiglu", m.swiglu, "SwiGLU MLP (Llama)");
+  app.add_flag("--untie-embeddings-and-output-weights", m.untie_embeddings_and_output_weights);
+  app.add_flag("--disable-bias-linear{false}", m.add_bias_linear, "no biases in linear layers");
+  app.add_option("--init-method-std", m.init_method_std, "std of the normal initialisation");
+  app.add_option("--norm-epsilon", m.norm_epsilon);
+}
+
+inline void add_training_flags(CLI::App& app, TrainConfig& t) {
+  app.add_option("--micro-batch-size", t.micro_batch_size);
+  app.add_option("--global-batch-size", t.global_batch_size, "micro x accumulation x data-parallel size");
+  app.add_option("--train-iters", t.train_iters);
+  app.add_option("--lr", t.lr);
+  app.add_option("--min-lr", t.min_lr);
+  app.add_option("--lr-decay-style", t.lr_decay_style, "cosine, linear or constant");
+  app.add_option("--lr-warmup-iters", t.lr_warmup_iters);
+  app.add_option("--lr-decay-iters", t.lr_decay_iters, "0 means train-iters");
+  app.add_option("--weight-decay", t.weight_decay);
+  app.add_option("--adam-beta1", t.adam_beta1);
+  app.add_option("--adam-beta2", t.adam_beta2);
+  app.add_option("--adam-eps", t.adam_eps);
+  app.add_option("--clip-grad", t.clip_grad, "max global gradient norm; 0 disables");
+  app.add_option("--eval-interval", t.eval_interval, "0 disables evaluation");
+  app.add_option("--eval-iters", t.eval_iters);
+  app.add_option("--log-interval", t.log_interval);
+  app.add_option("--seed", t.seed);
+}
+
+// Parses argv; a parse error becomes a UsageError (one line, exit 2), --help prints and exits 0.
+inline Arguments parse_arguments(int argc, char** argv, const std::string& description) {
+  Arguments a;
+  CLI::App app{description};
+  app.set_config("--config", "", "a TOML file with the same settings (num-layers = 4)");
+  add_model_flags(app, a.model);
+  add_training_flags(app, a.train);
+  app.add_option("--tensor-model-parallel-size", a.layout.tp);
+  app.add_option("--pipeline-model-parallel-size", a.layout.pp);
+  app.add_option("--context-parallel-size", a.layout.cp);
+  a.layout.dp = 0;
+  app.add_option("--data-parallel-size", a.layout.dp, "0: world size / (tp x cp x pp)");
+  app.add_option("--vocab-size", a.vocab_size, "before padding; 0: the tokenizer's");
+  app.add_option("--make-vocab-size-divisible-by", a.make_vocab_size_divisible_by);
+  app.add_option("--data-path", a.data_path, "prefix of a .bin/.idx pair");
+  app.add_option("--split", a.split, "train,valid,test weights");
+  app.add_flag("--mock-data", a.mock_data, "synthetic learnable data instead of --data-path");
+  app.add_option("--mock-samples", a.mock_samples);
+  app.add_option("--tokenizer-model", a.tokenizer_model, "SentencePiece .model (its .vocab is next to it)");
+  app.add_option("--save", a.save, "checkpoint directory to write");
+  app.add_option("--save-interval", a.save_interval, "0: only at the end");
+  app.add_option("--load", a.load, "checkpoint directory to resume from");
+  app.add_option("--metrics-file", a.metrics_file, "JSON lines of the logged metrics");
+  app.add_option("--comm-file", a.comm_file, "JSON lines of bytes/calls per group and operation");
+  app.add_option("--num-threads", a.num_threads, "threads per rank");
+  app.add_option("--peak-tflops", a.peak_tflops, "per-rank peak for MFU");
+  app.add_option("--distributed-timeout-seconds", a.distributed_timeout_seconds);
+  app.add_option("--ddp-impl", a.ddp_impl, "naive or bucketed");
+  app.add_option("--ddp-bucket-size", a.ddp_bucket_size, "elements per gradient bucket");
+  app.add_option("--check-weight-hash-interval", a.check_weight_hash_interval, "0 disables");
+  app.add_option("--sample-tokens", a.sample_tokens, "print samples of this many tokens after training");
+  app.add_option("--num-samples", a.num_samples_to_print);
+  app.add_option("--temperature", a.temperature);
+  app.add_option("--top-k", a.top_k);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    print0("{}", app.help());
+    std::exit(0);
+  } catch (const CLI::ParseError& e) {
+    throw UsageError(first_line(e.what()) + " (see --help)");
+  }
+  return a;
+}
+
+// Every check that needs no communicator, in one place, before anything big exists.
+// Reads the data's index (small) to check files and token ids against the vocabulary.
+inline void validate_arguments(Arguments& a, int64_t world_size) {
+  require(a.layout.tp >= 1 && a.layout.pp >= 1 && a.layout.cp >= 1,
+          "parallel sizes must be at least 1: --tensor-model-parallel-size {} --pipeline-model-parallel-size {} "
+          "--context-parallel-size {}", a.layout.tp, a.layout.pp, a.layout.cp);
+  const int64_t model_parallel = a.layout.tp * a.layout.pp * a.layout.cp;
+  if (a.layout.dp == 0) {
+    require(world_size % model_parallel == 0,
+            "the number of ranks ({}) must be divisible by tensor ({}) x context ({}) x pipeline ({}) parallel sizes",
+            world_size, a.layout.tp, a.layout.cp, a.layout.pp);
+    a.layout.dp = world_size / model_parallel;
+  }
+  validate_layout(a.layout, world_size);
+  require(a.num_threads >= 1, "--num-threads must be at least 1, got {}", a.num_threads);
+  require(a.distributed_timeout_seconds > 0, "--distributed-timeout-seconds must be positive, got {}",
+          a.distributed_timeout_seconds);
+  require(a.ddp_impl == "naive" || a.ddp_impl == "bucketed", "--ddp-impl must be naive or bucketed, got '{}'",
+          a.ddp_impl);
+  require(a.ddp_bucket_size > 0, "--ddp-bucket-size must be positive, got {}", a.ddp_bucket_size);
+  require(a.make_vocab_size_divisible_by >= 1, "--make-vocab-size-divisible-by must be at least 1, got {}",
+          a.make_vocab_size_divisible_by);
+  require(a.mock_data != !a.data_path.empty(), "give exactly one of --data-path and --mock-data");
+  if (a.vocab_size == 0 && !a.tokenizer_model.empty()) a.vocab_size = SpmVocab(spm_vocab_path(a.tokenizer_model)).size();
+  require(a.vocab_size > 0, "--vocab-size must be positive (or give --tokenizer-model), got {}", a.vocab_size);
+  if (!a.data_path.empty()) {
+    IndexedDataset data(a.data_path);  // checks both files, the header and the sizes
+    split_documents(a.split, data.num_sequences());
+    const int64_t max_id = data.max_token_id();
+    require(max_id < a.vocab_size, "--vocab-size ({}) is too small for {}: it holds token id {}", a.vocab_size,
+            a.data_path, max_id);
+  }
+  a.model.vocab_size = padded_vocab_size(a.vocab_size, a.make_vocab_size_divisible_by, a.layout.tp);
+  validate_model_config(a.model);
+  validate_train_config(a.train, a.layout.dp);
+}
+
+}  // namespace lightron
