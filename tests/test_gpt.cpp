@@ -1,28 +1,14 @@
 // Stage 0: the model itself. The numbers are pinned against PyTorch by reference_check.py
 // (which runs the "reference_dump" suite below); here: shapes, names, init, learning.
-#include <doctest/doctest.h>
-#include <lightron/gpt.hpp>
-#include <lightron/train.hpp>
+#include "testing.hpp"
 
 #include <cstdlib>
 
 namespace test_gpt_detail {
 using namespace lightron;
+using lightron_testing::sizes_are;
 
-GPTConfig tiny(GPTConfig c) {
-  c.num_layers = 2;
-  c.hidden_size = 32;
-  c.num_attention_heads = 4;
-  c.seq_length = 16;
-  c.vocab_size = 64;
-  if (c.swiglu) {
-    c.ffn_hidden_size = 48;
-    c.num_query_groups = 2;
-  }
-  return c;
-}
-
-bool sizes_are(const torch::Tensor& t, std::vector<int64_t> sizes) { return t.sizes().vec() == sizes; }
+GPTConfig tiny(GPTConfig c) { return lightron_testing::tiny_config(c); }
 bool has_param(GPT& m, const std::string& name) { return m.named_parameters().find(name) != nullptr; }
 }  // namespace test_gpt_detail
 

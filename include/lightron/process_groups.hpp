@@ -113,18 +113,11 @@ struct ProcessGroups {
   Group world, tp, cp, dp, pp;
   Group embedding;  // first and last pipeline stage: their tied embedding gradients are summed
   c10::intrusive_ptr<c10d::Store> store;
-  std::atomic<bool> stop_heartbeat{false};
-  std::thread heartbeat;
 
   bool pp_is_first_stage() const { return coords.pp == 0; }
   bool pp_is_last_stage() const { return coords.pp == layout.pp - 1; }
   int pp_prev_rank() const { return pp.ranks[(pp.rank + pp.size - 1) % pp.size]; }  // global ranks
   int pp_next_rank() const { return pp.ranks[(pp.rank + 1) % pp.size]; }
-
-  ~ProcessGroups() {
-    stop_heartbeat = true;
-    if (heartbeat.joinable()) heartbeat.join();
-  }
 };
 
 // Members of the group through `c` that varies one coordinate (`vary` picks it).
@@ -175,38 +168,50 @@ inline void set_rank_prefix(const ProcessGroups& g) {
                                                 g.coords.pp);
 }
 
-// Every rank bumps a counter in the store each second; after a failed collective, the
+// Every rank bumps a counter in the store twice a second; after a failed collective, the
 // survivors read the counters twice and name the ranks whose counters stood still.
-inline void start_heartbeat(ProcessGroups& g, const std::string& host, uint16_t port) {
+struct Heartbeat {
+  std::atomic<bool> stop{false};
+  std::thread thread;
+  ~Heartbeat() {
+    stop = true;
+    if (thread.joinable()) thread.join();
+  }
+};
+
+inline void start_heartbeat(int rank, int world_size, const std::string& host, uint16_t port) {
+  static Heartbeat heartbeat;
   auto connect = [host, port](std::chrono::milliseconds timeout) {
     c10d::TCPStoreOptions o;
     o.port = port;
     o.timeout = timeout;
     return c10::make_intrusive<c10d::TCPStore>(host, o);
   };
-  g.heartbeat = std::thread([&g, connect] {
-    auto store = connect(std::chrono::seconds(10));
-    const std::string key = fmt::format("lightron/alive/{}", g.rank);
-    while (!g.stop_heartbeat) {
-      try { store->add(key, 1); } catch (...) { return; }
-      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  heartbeat.thread = std::thread([connect, rank] {
+    try {
+      auto store = connect(std::chrono::seconds(10));
+      while (!heartbeat.stop) {
+        store->add(fmt::format("lightron/alive/{}", rank), 1);
+        std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      }
+    } catch (...) {  // the store is gone: the job is ending one way or another
     }
   });
-  describe_lost_ranks() = [connect, world = g.world_size]() -> std::string {
+  describe_lost_ranks() = [connect, world_size]() -> std::string {
     try {
       auto store = connect(std::chrono::seconds(3));
       auto read = [&] {
         std::vector<int64_t> beats;
-        for (int r = 0; r < world; ++r) beats.push_back(store->add(fmt::format("lightron/alive/{}", r), 0));
+        for (int r = 0; r < world_size; ++r) beats.push_back(store->add(fmt::format("lightron/alive/{}", r), 0));
         return beats;
       };
       auto before = read();
       std::this_thread::sleep_for(std::chrono::milliseconds(2500));
       auto after = read();
       std::vector<int> lost;
-      for (int r = 0; r < world; ++r)
+      for (int r = 0; r < world_size; ++r)
         if (after[r] == before[r]) lost.push_back(r);
-      return lost.empty() ? "every rank is still alive (a timeout: one is stuck?)"
+      return lost.empty() ? "every rank is still alive (a timeout: is one stuck?)"
                           : fmt::format("lost rank(s) {} (no heartbeat for 2.5 s)", fmt::join(lost, ","));
     } catch (const std::exception&) {
       return "lost rank 0 (it hosts the rendezvous store, which no longer answers)";
@@ -216,15 +221,10 @@ inline void start_heartbeat(ProcessGroups& g, const std::string& host, uint16_t 
 
 // The launcher's ranks meet at MASTER_ADDR:MASTER_PORT; rank 0 hosts the TCPStore (unless
 // torchrun's agent already does). Waits for everybody and names whoever never arrived.
-inline std::unique_ptr<ProcessGroups> init_process_groups(const Layout& layout, const GroupOptions& opt = {}) {
-  const LaunchEnv env = launch_env();
-  global_rank() = env.rank;
-  validate_layout(layout, env.world_size);
-  if (env.world_size == 1) {
-    auto g = make_process_groups(c10::make_intrusive<c10d::HashStore>(), 0, layout, opt);
-    set_rank_prefix(*g);
-    return g;
-  }
+// Done once per process; later calls return the same store.
+inline c10::intrusive_ptr<c10d::Store> rendezvous(const LaunchEnv& env, const GroupOptions& opt) {
+  static c10::intrusive_ptr<c10d::Store> store;
+  if (store) return store;
   const char* addr_env = std::getenv("MASTER_ADDR");
   const char* port_env = std::getenv("MASTER_PORT");
   const std::string host = addr_env ? addr_env : "127.0.0.1";
@@ -236,7 +236,6 @@ inline std::unique_ptr<ProcessGroups> init_process_groups(const Layout& layout, 
   o.numWorkers = env.world_size;
   o.waitWorkers = false;
   o.timeout = opt.timeout;
-  c10::intrusive_ptr<c10d::Store> store;
   try {
     store = c10::make_intrusive<c10d::TCPStore>(host, o);
   } catch (const std::exception& e) {
@@ -257,10 +256,23 @@ inline std::unique_ptr<ProcessGroups> init_process_groups(const Layout& layout, 
                                        env.world_size));
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  auto g = make_process_groups(store, env.rank, layout, opt);
+  start_heartbeat(env.rank, env.world_size, host, port);
+  return store;
+}
+
+// The groups of `layout` for this process. May be called again (a test trying several
+// layouts): each call's groups live under their own store prefix.
+inline std::unique_ptr<ProcessGroups> init_process_groups(const Layout& layout, const GroupOptions& opt = {}) {
+  static int generation = 0;
+  const LaunchEnv env = launch_env();
+  global_rank() = env.rank;
+  validate_layout(layout, env.world_size);
+  c10::intrusive_ptr<c10d::Store> store = env.world_size == 1 ? c10::intrusive_ptr<c10d::Store>(c10::make_intrusive<c10d::HashStore>())
+                                                              : rendezvous(env, opt);
+  auto prefixed = c10::make_intrusive<c10d::PrefixStore>(fmt::format("lightron/{}", generation++), store);
+  auto g = make_process_groups(prefixed, env.rank, layout, opt);
   g->local_rank = env.local_rank;
   set_rank_prefix(*g);
-  start_heartbeat(*g, host, port);
   return g;
 }
 

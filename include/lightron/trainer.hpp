@@ -14,6 +14,7 @@
 #include "train.hpp"
 
 #include <filesystem>
+#include <map>
 #include <fstream>
 
 namespace lightron {
@@ -61,6 +62,14 @@ class Trainer {
     total /= double(micro_batches.size());
     all_reduce(groups_.dp, total, /*average=*/true);
     return total.item<double>();
+  }
+
+  // Every parameter as the single-device model would hold it (a collective: call it on
+  // every rank). Shards are gathered back by the chapters that made them.
+  std::map<std::string, torch::Tensor> full_parameters() {
+    std::map<std::string, torch::Tensor> out;
+    for (auto& [name, p] : named_params) out[name] = p.detach().clone();
+    return out;
   }
 
   // A same-layout checkpoint: this rank's parameters, AdamW moments and counters in one

@@ -1,0 +1,122 @@
+// Stage 1 foundations: the launcher's environment, the rank grid, and the counted,
+// portable collectives. Multi-rank checks here use threads sharing a HashStore (real Gloo
+// groups, no ports); the mpirun tests are in test_data_parallel.cpp and later files.
+#include "testing.hpp"
+
+#include <thread>
+
+namespace test_pg_detail {
+using namespace lightron;
+
+LaunchEnv env_from(std::map<std::string, std::string> vars) {
+  return launch_env([&](const char* key) -> const char* {
+    auto it = vars.find(key);
+    return it == vars.end() ? nullptr : it->second.c_str();
+  });
+}
+
+// Runs body(rank, groups) on `world` threads, each a rank of `layout`.
+void on_threads(const Layout& layout, const std::function<void(int, ProcessGroups&)>& body) {
+  auto store = c10::make_intrusive<c10d::HashStore>();
+  std::vector<std::thread> threads;
+  std::vector<std::string> errors(layout.world());
+  for (int r = 0; r < layout.world(); ++r)
+    threads.emplace_back([&, r] {
+      try {
+        auto g = make_process_groups(store, r, layout);
+        body(r, *g);
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < layout.world(); ++r) CHECK_MESSAGE(errors[r].empty(), "rank " << r << ": " << errors[r]);
+}
+}  // namespace test_pg_detail
+
+using namespace test_pg_detail;
+
+TEST_CASE("launch env: Open MPI, MPICH, Slurm, torchrun, and a plain process") {
+  auto ompi = env_from({{"OMPI_COMM_WORLD_RANK", "3"}, {"OMPI_COMM_WORLD_SIZE", "8"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "1"}});
+  CHECK(ompi.rank == 3);
+  CHECK(ompi.world_size == 8);
+  CHECK(ompi.local_rank == 1);
+  CHECK(ompi.launcher == "Open MPI");
+  auto mpich = env_from({{"PMI_RANK", "2"}, {"PMI_SIZE", "4"}, {"MPI_LOCALRANKID", "2"}});
+  CHECK((mpich.rank == 2 && mpich.world_size == 4 && mpich.local_rank == 2 && mpich.launcher == "MPICH/Hydra"));
+  auto slurm = env_from({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "6"}, {"SLURM_LOCALID", "0"}});
+  CHECK((slurm.rank == 5 && slurm.world_size == 6 && slurm.local_rank == 0 && slurm.launcher == "Slurm"));
+  auto torchrun = env_from({{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"LOCAL_RANK", "1"}});
+  CHECK((torchrun.rank == 1 && torchrun.world_size == 2 && torchrun.local_rank == 1 && torchrun.launcher == "torchrun"));
+  auto plain = env_from({});
+  CHECK((plain.rank == 0 && plain.world_size == 1 && plain.launcher == "single process"));
+  CHECK_THROWS_AS(env_from({{"RANK", "x"}, {"WORLD_SIZE", "2"}}), UsageError);
+  CHECK_THROWS_WITH(env_from({{"RANK", "4"}, {"WORLD_SIZE", "2"}}), doctest::Contains("outside world size 2"));
+}
+
+TEST_CASE("layout: validation is a pure function with one-line errors") {
+  CHECK_NOTHROW(validate_layout(Layout{2, 1, 2, 2}, 8));
+  CHECK_THROWS_WITH_AS(validate_layout(Layout{2, 1, 2, 2}, 4),
+                       doctest::Contains("tensor (2) x context (1) x data (2) x pipeline (2) parallel sizes = 8 must "
+                                         "equal the number of ranks (4)"),
+                       UsageError);
+  CHECK_THROWS_WITH_AS(validate_layout(Layout{0, 1, 1, 1}, 0), "--tensor-model-parallel-size must be at least 1, got 0",
+                       UsageError);
+}
+
+TEST_CASE("layout: tensor-parallel ranks innermost, pipeline outermost") {
+  Layout l{2, 1, 2, 2};
+  for (int64_t r = 0; r < 8; ++r) CHECK(rank_of(coords_of(r, l), l) == r);
+  auto c = coords_of(5, l);  // 5 = 1 + 2·(0 + 1·(0 + 2·1))
+  CHECK((c.tp == 1 && c.dp == 0 && c.pp == 1));
+  CHECK(group_members(coords_of(5, l), l, &Coords::tp, 2) == std::vector<int>{4, 5});
+  CHECK(group_members(coords_of(5, l), l, &Coords::dp, 2) == std::vector<int>{5, 7});
+  CHECK(group_members(coords_of(5, l), l, &Coords::pp, 2) == std::vector<int>{1, 5});
+}
+
+TEST_CASE("groups: 8 ranks as 2x2x2 build the right sub-groups and neighbours") {
+  on_threads(Layout{2, 1, 2, 2}, [](int rank, ProcessGroups& g) {
+    CHECK(g.tp.ranks == group_members(g.coords, g.layout, &Coords::tp, 2));
+    CHECK(g.tp.rank == g.coords.tp);
+    CHECK(g.pp.rank == g.coords.pp);
+    CHECK(g.pp_next_rank() == (rank + 4) % 8);
+    CHECK(g.pp_is_first_stage() == (rank < 4));
+    CHECK(g.embedding.size == 2);  // first and last stage share the tied embedding
+    // Each group's sum is the sum of its members' global ranks.
+    auto t = torch::full({3}, double(rank), torch::kDouble);
+    all_reduce(g.dp, t);
+    CHECK(t[0].item<double>() == double(g.dp.ranks[0] + g.dp.ranks[1]));
+  });
+}
+
+TEST_CASE("collectives: portable average, all-gather and reduce-scatter give exact numbers") {
+  on_threads(Layout{4, 1, 1, 1}, [](int rank, ProcessGroups& g) {
+    auto x = torch::full({2}, float(rank + 1));
+    all_reduce(g.tp, x, /*average=*/true);  // (1 + 2 + 3 + 4) / 4
+    CHECK(x[0].item<float>() == 2.5f);
+    auto mine = torch::full({1, 2}, float(rank));
+    auto gathered = all_gather(g.tp, mine, /*dim=*/1);  // (1, 8): 0 0 1 1 2 2 3 3
+    CHECK(sizes_are(gathered, {1, 8}));
+    CHECK(gathered[0][5].item<float>() == 2.0f);
+    auto full = torch::arange(8, torch::kFloat).view({1, 8}) * float(rank + 1);  // Σ factors = 10
+    auto slice = reduce_scatter(g.tp, full, /*dim=*/1);
+    CHECK(sizes_are(slice, {1, 2}));
+    CHECK(slice[0][0].item<float>() == 10.0f * float(2 * rank));
+    CHECK(slice[0][1].item<float>() == 10.0f * float(2 * rank + 1));
+  });
+}
+
+TEST_CASE("collectives: calls and bytes are counted per group and operation") {
+  comm_stats().reset();
+  on_threads(Layout{1, 1, 2, 1}, [](int, ProcessGroups& g) {
+    auto x = torch::ones({10});
+    all_reduce(g.dp, x);
+    all_reduce(g.dp, x);
+    all_reduce(g.tp, x);  // a group of one: nothing sent, nothing counted
+  });
+  auto c = comm_stats().get("dp", "all_reduce");
+  CHECK(c.calls == 2 * 2);  // two calls on each of the two threads
+  CHECK(c.bytes == 2 * 2 * 40);
+  CHECK(comm_stats().get("tp", "all_reduce").calls == 0);
+  CHECK(comm_stats().json(1).find("\"group\": \"dp\"") != std::string::npos);
+}

@@ -1,0 +1,97 @@
+// Shared by the test files (they are compiled together as one unity build).
+// LibTorch's headers bring glog's one-argument CHECK; doctest's must win, in every file.
+#pragma once
+
+#include <lightron/lightron.hpp>
+
+#include <doctest/doctest.h>
+#undef CHECK
+#define CHECK(...) DOCTEST_CHECK(__VA_ARGS__)
+
+#include <map>
+
+namespace lightron_testing {
+using namespace lightron;
+
+inline bool sizes_are(const torch::Tensor& t, std::vector<int64_t> sizes) { return t.sizes().vec() == sizes; }
+
+// A model small enough to train 20 steps in a second, in both flavours.
+inline GPTConfig tiny_config(GPTConfig c, int64_t layers = 2) {
+  c.num_layers = layers;
+  c.hidden_size = 32;
+  c.num_attention_heads = 4;
+  c.seq_length = 16;
+  c.vocab_size = 64;
+  if (c.swiglu) {
+    c.ffn_hidden_size = 48;
+    c.num_query_groups = 2;
+  }
+  return c;
+}
+
+inline TrainConfig tiny_train(int64_t global_batch, int64_t micro_batch, int64_t iters = 20) {
+  TrainConfig t;
+  t.global_batch_size = global_batch;
+  t.micro_batch_size = micro_batch;
+  t.train_iters = iters;
+  t.lr = 3e-3;
+  t.min_lr = 3e-4;
+  t.lr_warmup_iters = 2;
+  t.clip_grad = 1.0;
+  return t;
+}
+
+struct RunResult {
+  std::vector<double> losses, grad_norms;
+  std::map<std::string, torch::Tensor> params;  // full (unsharded) parameters at the end
+};
+
+// Trains `iters` steps of mock data on the given groups; every rank returns the same losses.
+inline RunResult run_training(const GPTConfig& c, const TrainConfig& t, const ParallelOptions& o, ProcessGroups& g) {
+  MockGPTDataset data(c.vocab_size, c.seq_length, /*num_samples=*/4096, /*seed=*/t.seed);
+  DataSampler sampler(data.size(), t.global_batch_size, t.micro_batch_size, int(g.coords.dp), int(g.layout.dp), t.seed);
+  Trainer trainer(c, t, o, g);
+  RunResult r;
+  for (int64_t it = 1; it <= t.train_iters; ++it) {
+    std::vector<Batch> batches;
+    for (const auto& indices : sampler.next_global_batch()) batches.push_back(make_batch(data, indices));
+    r.losses.push_back(trainer.step(batches, it));
+    r.grad_norms.push_back(trainer.grad_norm);
+  }
+  r.params = trainer.full_parameters();
+  return r;
+}
+
+// The single-device run, computed on this rank alone (a world of one).
+inline RunResult run_reference(const GPTConfig& c, const TrainConfig& t) {
+  auto single = make_process_groups(c10::make_intrusive<c10d::HashStore>(), 0, Layout{});
+  return run_training(c, t, ParallelOptions{}, *single);
+}
+
+// Stated tolerance for cross-layout parity in fp32: relative 1e-5 on every loss and grad
+// norm; on parameters, per tensor, max|a - b| <= 1e-5 · max|ref| + 1e-5. The absolute part
+// is for parameters whose true gradient is zero (the key bias: softmax ignores a constant
+// added to every score): their gradient is rounding noise, which differs between layouts,
+// and Adam normalises noise into steps of size ~lr; measured drift after 20 steps: ~7e-6.
+constexpr double kParityTolerance = 1e-5;
+constexpr double kParamAbsTolerance = 1e-5;
+
+inline void check_parity(const RunResult& ref, const RunResult& run, double tol = kParityTolerance) {
+  REQUIRE(ref.losses.size() == run.losses.size());
+  for (size_t i = 0; i < ref.losses.size(); ++i) {
+    CHECK_MESSAGE(std::abs(ref.losses[i] - run.losses[i]) <= tol * std::abs(ref.losses[i]),
+                  "step " << i + 1 << " loss " << run.losses[i] << " vs reference " << ref.losses[i]);
+    CHECK_MESSAGE(std::abs(ref.grad_norms[i] - run.grad_norms[i]) <= tol * std::abs(ref.grad_norms[i]),
+                  "step " << i + 1 << " grad norm " << run.grad_norms[i] << " vs " << ref.grad_norms[i]);
+  }
+  REQUIRE(ref.params.size() == run.params.size());
+  for (const auto& [name, p] : ref.params) {
+    REQUIRE_MESSAGE(run.params.count(name) == 1, name);
+    const auto& q = run.params.at(name);
+    REQUIRE_MESSAGE(p.sizes() == q.sizes(), name);
+    const double diff = (p - q).abs().max().item<double>(), scale = p.abs().max().item<double>();
+    CHECK_MESSAGE(diff <= tol * scale + kParamAbsTolerance, name << ": max |diff| " << diff << " vs scale " << scale);
+  }
+}
+
+}  // namespace lightron_testing
