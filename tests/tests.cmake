@@ -7,3 +7,7 @@ lightron_mpi_test(mpi_dp_np4 4 ${T} --test-suite=mpi_dp)
 
 add_test(NAME reference_check COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/reference_check.py
          --tests-binary ${T} --workdir ${CMAKE_CURRENT_BINARY_DIR}/reference)
+
+lightron_mpi_test(mpi_tp_np2 2 ${T} --test-suite=mpi_tp)
+lightron_mpi_test(mpi_tp_np4 4 ${T} --test-suite=mpi_tp)
+lightron_mpi_test(mpi_tp_dp_np4 4 ${T} --test-suite=mpi_tp_dp)

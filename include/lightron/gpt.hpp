@@ -253,6 +253,8 @@ struct GPT : torch::nn::Module {
   std::shared_ptr<LinearLayer> lm_head;  // TiedLinear (not registered) or Linear
   // (logits, labels) -> mean loss; tensor_parallel.hpp swaps in the vocab-parallel one.
   std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)> loss_fn = cross_entropy_loss;
+  // Applied to the token embeddings; sequence parallel keeps this rank's part of T.
+  std::function<torch::Tensor(const torch::Tensor&)> sequence_scatter = [](const torch::Tensor& x) { return x; };
 
   explicit GPT(const GPTConfig& c) : config(c) {
     validate_model_config(c);
@@ -285,7 +287,7 @@ struct GPT : torch::nn::Module {
   }
 
   torch::Tensor embed(const torch::Tensor& ids) {  // (B, T) -> (B, T, C)
-    auto x = wte->forward(ids);
+    auto x = sequence_scatter(wte->forward(ids));
     if (wpe) x = x + wpe->forward(torch::arange(ids.size(1), ids.options()));
     return x;
   }

@@ -11,6 +11,7 @@
 #include "data.hpp"
 #include "data_parallel.hpp"
 #include "gpt.hpp"
+#include "tp_model.hpp"
 #include "train.hpp"
 
 #include <filesystem>
@@ -22,6 +23,7 @@ namespace lightron {
 struct ParallelOptions {
   std::string ddp_impl = "bucketed";   // naive | bucketed
   int64_t ddp_bucket_size = 40000000;  // elements
+  bool sequence_parallel = false;
 };
 
 class Trainer {
@@ -30,7 +32,8 @@ class Trainer {
           ProcessGroups& groups)
       : train_(train), options_(options), groups_(groups) {
     torch::manual_seed(train.seed);
-    model = std::make_shared<GPT>(model_config);
+    model = std::make_shared<GPT>(model_config);  // whole, from the seed: every layout starts here
+    tp_info = apply_tensor_parallel(*model, groups.tp, options.sequence_parallel);
     named_params = named_parameters_of(*model);
     for (auto& [name, p] : named_params) params.push_back(p);
     optimizer = std::make_unique<AdamW>(named_params, train);
@@ -47,8 +50,9 @@ class Trainer {
     auto loss = forward_backward(micro_batches);
     if (ddp) ddp->finish();
     else if (groups_.dp.size > 1) all_reduce_gradients(params, groups_.dp);
+    for (auto& p : tp_info.sequence_parallel_params) all_reduce(groups_.tp, p.grad());
     all_reduce(groups_.dp, loss, /*average=*/true);
-    grad_norm = std::sqrt(grad_sq_norm(params));
+    grad_norm = global_grad_norm();
     clip_grads(params, grad_norm, train_.clip_grad);
     optimizer->step(lr_at(train_, iteration));
     return loss.item<double>();
@@ -68,7 +72,14 @@ class Trainer {
   // every rank). Shards are gathered back by the chapters that made them.
   std::map<std::string, torch::Tensor> full_parameters() {
     std::map<std::string, torch::Tensor> out;
-    for (auto& [name, p] : named_params) out[name] = p.detach().clone();
+    for (auto& [name, p] : named_params) {
+      if (!tp_info.sharded.count(name)) {
+        out[name] = p.detach().clone();
+        continue;
+      }
+      auto shards = all_gather(groups_.tp, p.detach().unsqueeze(0), 0).unbind(0);
+      out[name] = unshard(std::vector<torch::Tensor>(shards.begin(), shards.end()), tp_shard_spec(name, model->config));
+    }
     return out;
   }
 
@@ -116,6 +127,7 @@ class Trainer {
   }
 
   std::shared_ptr<GPT> model;
+  TensorParallelInfo tp_info;
   std::vector<std::pair<std::string, torch::Tensor>> named_params;
   std::vector<torch::Tensor> params;
   std::unique_ptr<AdamW> optimizer;
@@ -123,6 +135,17 @@ class Trainer {
   double grad_norm = 0;
 
  private:
+  // ‖g‖ over the whole model, each parameter counted once: shards add up across tp;
+  // replicated parameters (identical on every tp rank) count on tp rank 0 only.
+  double global_grad_norm() {
+    std::vector<torch::Tensor> counted;
+    for (auto& [name, p] : named_params)
+      if (tp_info.sharded.count(name) || groups_.tp.rank == 0) counted.push_back(p);
+    auto sq = torch::tensor(grad_sq_norm(counted), torch::kDouble);
+    all_reduce(groups_.tp, sq);
+    return std::sqrt(sq.item<double>());
+  }
+
   torch::Tensor forward_backward(const std::vector<Batch>& micro_batches) {
     auto total = torch::zeros({}, torch::kDouble);
     const double n = double(micro_batches.size());

@@ -1,0 +1,204 @@
+// lightron/tensor_parallel.hpp — Megatron-LM's tensor parallelism (arXiv:1909.08053): each
+// layer's weight matrices split across the tp group, with four conjugate mappings that
+// make the forward and backward passes add up:
+//     f = copy_to_tp_region:       identity forward,  all-reduce backward
+//     g = reduce_from_tp_region:   all-reduce forward, identity backward
+//     gather_from_tp_region / scatter_to_tp_region: along the last dimension
+// and their sequence-parallel counterparts (arXiv:2205.05198) along the sequence dimension.
+// Layers: ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding and the
+// vocab-parallel cross-entropy, which never materialises the full logits on one rank.
+// tp_model.hpp applies them to an existing GPT. Introduced in tutorial stage 2.
+#pragma once
+
+#include "collectives.hpp"
+#include "gpt.hpp"
+
+namespace lightron {
+
+namespace tp_detail {
+// Autograd contexts hold IValues; the group outlives every graph, so its address will do.
+inline c10::IValue hold(const Group& g) { return c10::IValue(reinterpret_cast<int64_t>(&g)); }
+inline const Group& group(torch::autograd::AutogradContext* ctx) {
+  return *reinterpret_cast<const Group*>(ctx->saved_data["group"].toInt());
+}
+inline torch::Tensor my_slice(const Group& g, const torch::Tensor& t, int64_t dim) {
+  return t.chunk(g.size, dim)[g.rank].contiguous();
+}
+using Grads = torch::autograd::variable_list;
+}  // namespace tp_detail
+
+// f: identity forward, all-reduce of the gradient backward (before a column-parallel layer).
+struct CopyToTensorParallelRegion : torch::autograd::Function<CopyToTensorParallelRegion> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const Group& g) {
+    ctx->saved_data["group"] = tp_detail::hold(g);
+    return x.view_as(x);
+  }
+  static tp_detail::Grads backward(torch::autograd::AutogradContext* ctx, tp_detail::Grads grad) {
+    auto dx = grad[0].clone();
+    all_reduce(tp_detail::group(ctx), dx);
+    return {dx, torch::Tensor()};
+  }
+};
+
+// g: all-reduce forward (after a row-parallel layer), identity backward.
+struct ReduceFromTensorParallelRegion : torch::autograd::Function<ReduceFromTensorParallelRegion> {
+  static torch::Tensor forward(torch::autograd::AutogradContext*, const torch::Tensor& x, const Group& g) {
+    auto y = x.clone();
+    all_reduce(g, y);
+    return y;
+  }
+  static tp_detail::Grads backward(torch::autograd::AutogradContext*, tp_detail::Grads grad) { return {grad[0], torch::Tensor()}; }
+};
+
+// Concatenate the ranks' pieces along the last dimension; backward keeps this rank's piece.
+struct GatherFromTensorParallelRegion : torch::autograd::Function<GatherFromTensorParallelRegion> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const Group& g) {
+    ctx->saved_data["group"] = tp_detail::hold(g);
+    return all_gather(g, x, x.dim() - 1);
+  }
+  static tp_detail::Grads backward(torch::autograd::AutogradContext* ctx, tp_detail::Grads grad) {
+    return {tp_detail::my_slice(tp_detail::group(ctx), grad[0], grad[0].dim() - 1), torch::Tensor()};
+  }
+};
+
+// Keep this rank's piece of the last dimension; backward gathers the gradient pieces.
+struct ScatterToTensorParallelRegion : torch::autograd::Function<ScatterToTensorParallelRegion> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const Group& g) {
+    ctx->saved_data["group"] = tp_detail::hold(g);
+    return tp_detail::my_slice(g, x, x.dim() - 1);
+  }
+  static tp_detail::Grads backward(torch::autograd::AutogradContext* ctx, tp_detail::Grads grad) {
+    return {all_gather(tp_detail::group(ctx), grad[0], grad[0].dim() - 1), torch::Tensor()};
+  }
+};
+
+// Sequence parallel, activations (B, T/tp, C) between the tp blocks:
+// all-gather along T forward, reduce-scatter of the gradient backward (replaces f) ...
+struct GatherFromSequenceParallelRegion : torch::autograd::Function<GatherFromSequenceParallelRegion> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const Group& g) {
+    ctx->saved_data["group"] = tp_detail::hold(g);
+    return all_gather(g, x, /*dim=*/1);
+  }
+  static tp_detail::Grads backward(torch::autograd::AutogradContext* ctx, tp_detail::Grads grad) {
+    return {reduce_scatter(tp_detail::group(ctx), grad[0], /*dim=*/1), torch::Tensor()};
+  }
+};
+
+// ... and reduce-scatter along T forward, all-gather backward (replaces g).
+struct ReduceScatterToSequenceParallelRegion : torch::autograd::Function<ReduceScatterToSequenceParallelRegion> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const Group& g) {
+    ctx->saved_data["group"] = tp_detail::hold(g);
+    return reduce_scatter(g, x, /*dim=*/1);
+  }
+  static tp_detail::Grads backward(torch::autograd::AutogradContext* ctx, tp_detail::Grads grad) {
+    return {all_gather(tp_detail::group(ctx), grad[0], /*dim=*/1), torch::Tensor()};
+  }
+};
+
+// Keep this rank's part of T (after the embedding); backward all-gathers the gradient.
+struct ScatterToSequenceParallelRegion : torch::autograd::Function<ScatterToSequenceParallelRegion> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const Group& g) {
+    ctx->saved_data["group"] = tp_detail::hold(g);
+    return tp_detail::my_slice(g, x, /*dim=*/1);
+  }
+  static tp_detail::Grads backward(torch::autograd::AutogradContext* ctx, tp_detail::Grads grad) {
+    return {all_gather(tp_detail::group(ctx), grad[0], /*dim=*/1), torch::Tensor()};
+  }
+};
+
+inline torch::Tensor copy_to_tp_region(const torch::Tensor& x, const Group& g) { return CopyToTensorParallelRegion::apply(x, g); }
+inline torch::Tensor reduce_from_tp_region(const torch::Tensor& x, const Group& g) { return ReduceFromTensorParallelRegion::apply(x, g); }
+inline torch::Tensor gather_from_tp_region(const torch::Tensor& x, const Group& g) { return GatherFromTensorParallelRegion::apply(x, g); }
+inline torch::Tensor scatter_to_tp_region(const torch::Tensor& x, const Group& g) { return ScatterToTensorParallelRegion::apply(x, g); }
+inline torch::Tensor gather_from_sp_region(const torch::Tensor& x, const Group& g) { return GatherFromSequenceParallelRegion::apply(x, g); }
+inline torch::Tensor reduce_scatter_to_sp_region(const torch::Tensor& x, const Group& g) { return ReduceScatterToSequenceParallelRegion::apply(x, g); }
+inline torch::Tensor scatter_to_sp_region(const torch::Tensor& x, const Group& g) { return ScatterToSequenceParallelRegion::apply(x, g); }
+
+// Y = XA + b with A split by columns, A = [A_1 … A_p]: rank i computes Y_i = X A_i + b_i.
+// The input enters through f (or, with sequence parallel, an all-gather along T); the
+// output stays split unless gather_output.
+struct ColumnParallelLinear : LinearLayer {
+  torch::Tensor weight, bias;  // (out/p, in), (out/p)
+  const Group& tp;
+  bool sequence_parallel, gather_output;
+  ColumnParallelLinear(torch::Tensor w, torch::Tensor b, const Group& g, bool sp, bool gather = false)
+      : tp(g), sequence_parallel(sp), gather_output(gather) {
+    weight = register_parameter("weight", w);
+    if (b.defined()) bias = register_parameter("bias", b);
+  }
+  torch::Tensor forward(const torch::Tensor& x) override {
+    auto input = sequence_parallel ? gather_from_sp_region(x, tp) : copy_to_tp_region(x, tp);
+    auto y = torch::linear(input, weight, bias);
+    return gather_output ? gather_from_tp_region(y, tp) : y;
+  }
+};
+
+// Y = XA + b with A split by rows, A = [A_1; …; A_p] and X = [X_1 … X_p] already split:
+// Y = Σ_i X_i A_i through g (or a reduce-scatter along T), then b added once.
+struct RowParallelLinear : LinearLayer {
+  torch::Tensor weight, bias;  // (out, in/p), (out) replicated
+  const Group& tp;
+  bool sequence_parallel;
+  RowParallelLinear(torch::Tensor w, torch::Tensor b, const Group& g, bool sp) : tp(g), sequence_parallel(sp) {
+    weight = register_parameter("weight", w);
+    if (b.defined()) bias = register_parameter("bias", b);
+  }
+  torch::Tensor forward(const torch::Tensor& x) override {
+    auto partial = torch::linear(x, weight);
+    auto y = sequence_parallel ? reduce_scatter_to_sp_region(partial, tp) : reduce_from_tp_region(partial, tp);
+    return bias.defined() ? y + bias : y;
+  }
+};
+
+// Rows [start, start + V/p) of the embedding on each rank; ids outside the range give zero
+// vectors, and g (all-reduce) adds the ranks' vectors up.
+struct VocabParallelEmbedding : Embedding {
+  const Group& tp;
+  int64_t vocab_start;
+  VocabParallelEmbedding(torch::Tensor w, const Group& g) : tp(g), vocab_start(w.size(0) * g.rank) {
+    weight = register_parameter("weight", w);
+  }
+  torch::Tensor forward(const torch::Tensor& ids) override {  // (B, T) -> (B, T, C)
+    auto outside = (ids < vocab_start) | (ids >= vocab_start + weight.size(0));
+    auto local = (ids - vocab_start).masked_fill(outside, 0);
+    auto vectors = torch::embedding(weight, local).masked_fill(outside.unsqueeze(-1), 0.0);
+    return reduce_from_tp_region(vectors, tp);
+  }
+};
+
+// Cross-entropy over logits split by vocabulary (B, T, V/p), per token:
+//   loss = log Σ_v exp(z_v - m) - (z_y - m), with m = max_v z_v,
+// where the max, the sum of exponentials and the target logit z_y are each reduced across
+// the group; backward: softmax - onehot(y), on this rank's columns only.
+struct VocabParallelCrossEntropy : torch::autograd::Function<VocabParallelCrossEntropy> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& logits,
+                               const torch::Tensor& labels, const Group& g) {
+    auto z = logits.to(torch::kFloat);  // (B, T, V/p)
+    const int64_t part = z.size(-1), start = part * g.rank;
+    auto m = std::get<0>(z.max(-1, /*keepdim=*/true));
+    all_reduce_max(g, m);
+    z = z - m;
+    auto outside = (labels < start) | (labels >= start + part);
+    auto local = (labels - start).masked_fill(outside, 0);
+    auto target = z.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0);  // (B, T)
+    all_reduce(g, target);
+    auto exp = z.exp();
+    auto sum_exp = exp.sum(-1);
+    all_reduce(g, sum_exp);
+    ctx->save_for_backward({exp / sum_exp.unsqueeze(-1), local, outside});
+    return sum_exp.log() - target;  // (B, T)
+  }
+  static tp_detail::Grads backward(torch::autograd::AutogradContext* ctx, tp_detail::Grads grad) {
+    auto saved = ctx->get_saved_variables();
+    auto dz = saved[0].clone();  // softmax
+    auto inside = (~saved[2]).to(dz.scalar_type());
+    dz.scatter_add_(-1, saved[1].unsqueeze(-1), -inside.unsqueeze(-1));
+    return {dz * grad[0].unsqueeze(-1), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+inline torch::Tensor vocab_parallel_cross_entropy(const torch::Tensor& logits, const torch::Tensor& labels, const Group& g) {
+  return VocabParallelCrossEntropy::apply(logits, labels, g).mean();
+}
+
+}  // namespace lightron
