@@ -48,7 +48,7 @@ void print_samples(const Arguments& a, Trainer& trainer) {
   print0("\nsamples (temperature {}, top-k {}):\n", a.temperature, a.top_k);
   for (int64_t i = 0; i < std::min<int64_t>(a.num_samples_to_print, 5); ++i) {
     auto prompt = encode_with_cli(a.tokenizer_model, prompts[i]);
-    auto ids = generate([&](const torch::Tensor& x) { return trainer.model->forward(x); }, prompt, a.sample_tokens,
+    auto ids = generate([&](const torch::Tensor& x) { return trainer.forward_logits(x); }, prompt, a.sample_tokens,
                         a.model.seq_length, a.temperature, a.top_k, a.train.seed + i);
     print0("--- {}\n", vocab.decode(ids));
   }
@@ -70,10 +70,7 @@ int main(int argc, char** argv) {
            env.launcher, a.layout.tp, a.layout.cp, a.layout.dp, a.layout.pp, a.vocab_size, a.model.vocab_size);
 
     auto data = make_datasets(a);
-    ParallelOptions options;
-    options.ddp_impl = a.ddp_impl;
-    options.ddp_bucket_size = a.ddp_bucket_size;
-    Trainer trainer(a.model, a.train, options, *groups);
+    Trainer trainer(a.model, a.train, parallel_options(a), *groups);
     const int64_t num_params = [&] {
       int64_t n = 0;
       for (auto& p : trainer.params) n += p.numel();
@@ -88,19 +85,31 @@ int main(int argc, char** argv) {
                         int(groups->coords.dp), int(a.layout.dp), a.train.seed);
     int64_t first_iteration = 1;
     if (!a.load.empty()) {
-      auto [iteration, consumed] = trainer.load(a.load);
-      first_iteration = iteration + 1;
-      sampler.consumed_samples = consumed;
-      print0("resumed from {} at iteration {} ({} samples consumed)\n", a.load, iteration, consumed);
+      const auto counters = trainer.load(a.load);
+      first_iteration = counters.iteration + 1;
+      sampler.consumed_samples = counters.consumed_samples;
+      print0("resumed from {} at iteration {} ({} samples consumed)\n", a.load, counters.iteration,
+             counters.consumed_samples);
     }
 
     MetricsLog metrics(a.metrics_file);
+    struct RankFile {  // this rank's own JSON-lines file (PATH.rankN), for the pipeline timeline
+      std::FILE* file = nullptr;
+      bool empty() const { return file == nullptr; }
+      ~RankFile() { if (file) std::fclose(file); }
+    } timeline;
+    if (!a.timeline_file.empty() && a.layout.pp > 1) {
+      const auto path = fmt::format("{}.rank{}", a.timeline_file, groups->rank);
+      timeline.file = std::fopen(path.c_str(), "w");
+      require(timeline.file != nullptr, "--timeline-file: cannot open '{}' for writing", path);
+    }
     const double flops = flops_per_token(num_params, a.model.num_layers, a.model.hidden_size, a.model.seq_length);
     const double peak = a.peak_tflops > 0 ? a.peak_tflops : 0.1 * a.num_threads;
     Timer interval;
     for (int64_t it = first_iteration; it <= a.train.train_iters; ++it) {
       auto batches = to_batches(*data.train, sampler.next_global_batch());
       const double loss = trainer.step(batches, it);
+      if (!timeline.empty()) fmt::print(timeline.file, "{}", trainer.engine->timeline_json(it));
       if (it % a.train.log_interval == 0 || it == a.train.train_iters) {
         const int64_t iters = it % a.train.log_interval == 0 ? a.train.log_interval : it % a.train.log_interval;
         StepMetrics m;
@@ -115,6 +124,15 @@ int main(int argc, char** argv) {
         m.mfu = m.tflops / peak;
         m.peak_mib = peak_memory_mib();
         metrics.log(m, a.train.train_iters);
+        if (a.layout.pp > 1) {
+          auto wall = torch::tensor(trainer.engine->measured_bubble(), torch::kDouble);
+          all_reduce(groups->pp, wall, /*average=*/true);
+          const double replayed = trainer.engine->replayed_bubble();
+          const int64_t v = trainer.stage.num_virtual, micro = a.train.accumulation_steps(a.layout.dp);
+          print0(" pipeline bubble: {:.3f} wall clock, {:.3f} replayed with measured costs, {:.3f} in theory "
+                 "((p-1)/(v m+p-1), p {} v {} m {})\n", wall.item<double>(), replayed,
+                 theoretical_bubble(micro, a.layout.pp, v), a.layout.pp, v, micro);
+        }
         interval.reset();
       }
       if (a.train.eval_interval > 0 && data.valid && it % a.train.eval_interval == 0) {
@@ -127,9 +145,9 @@ int main(int argc, char** argv) {
         interval.reset();
       }
       if (!a.save.empty() && a.save_interval > 0 && it % a.save_interval == 0)
-        trainer.save(a.save, it, sampler.consumed_samples);
+        trainer.save(a.save, {it, sampler.consumed_samples});
     }
-    if (!a.save.empty()) trainer.save(a.save, a.train.train_iters, sampler.consumed_samples);
+    if (!a.save.empty()) trainer.save(a.save, {a.train.train_iters, sampler.consumed_samples});
     print_samples(a, trainer);
     barrier(groups->world);
     return 0;

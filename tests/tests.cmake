@@ -11,3 +11,12 @@ add_test(NAME reference_check COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DI
 lightron_mpi_test(mpi_tp_np2 2 ${T} --test-suite=mpi_tp)
 lightron_mpi_test(mpi_tp_np4 4 ${T} --test-suite=mpi_tp)
 lightron_mpi_test(mpi_tp_dp_np4 4 ${T} --test-suite=mpi_tp_dp)
+
+lightron_mpi_test(mpi_pp_np2 2 ${T} --test-suite=mpi_pp)
+lightron_mpi_test(mpi_pp_np4 4 ${T} --test-suite=mpi_pp)
+lightron_mpi_test(mpi_pp_bubble_np4 4 ${T} --test-suite=mpi_pp_bubble)
+lightron_mpi_test(mpi_pp_tp_np4 4 ${T} --test-suite=mpi_pp_tp)
+lightron_mpi_test(mpi_pp_dp_np4 4 ${T} --test-suite=mpi_pp_dp)
+lightron_mpi_test(mpi_3d_np8 8 ${T} --test-suite=mpi_3d)
+
+add_test(NAME failure COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/failure_test.sh ${PROJECT_BINARY_DIR})

@@ -9,8 +9,11 @@
 
 #include "data.hpp"
 #include "gpt.hpp"
+#include "pipeline_parallel.hpp"
 #include "process_groups.hpp"
+#include "tp_model.hpp"
 #include "train.hpp"
+#include "trainer.hpp"
 
 #include <CLI/CLI.hpp>
 
@@ -33,6 +36,10 @@ struct Arguments {
   std::string ddp_impl = "bucketed";  // naive | bucketed
   int64_t ddp_bucket_size = 40000000; // elements per gradient bucket
   int64_t check_weight_hash_interval = 0;
+  bool sequence_parallel = false;
+  std::string pipeline_schedule = "1f1b";
+  int64_t num_layers_per_virtual_pipeline_stage = 0;
+  std::string timeline_file;
   int64_t sample_tokens = 0;          // after training, print samples of this many tokens
   int64_t num_samples_to_print = 3;
   double temperature = 0.8;
@@ -95,6 +102,11 @@ inline Arguments parse_arguments(int argc, char** argv, const std::string& descr
   app.add_option("--context-parallel-size", a.layout.cp);
   a.layout.dp = 0;
   app.add_option("--data-parallel-size", a.layout.dp, "0: world size / (tp x cp x pp)");
+  app.add_flag("--sequence-parallel", a.sequence_parallel, "split norms/residuals along the sequence over tp");
+  app.add_option("--pipeline-schedule", a.pipeline_schedule, "1f1b or afab");
+  app.add_option("--num-layers-per-virtual-pipeline-stage", a.num_layers_per_virtual_pipeline_stage,
+                 "> 0: interleaved 1f1b");
+  app.add_option("--timeline-file", a.timeline_file, "JSON lines of the pipeline timeline (every rank appends)");
   app.add_option("--vocab-size", a.vocab_size, "before padding; 0: the tokenizer's");
   app.add_option("--make-vocab-size-divisible-by", a.make_vocab_size_divisible_by);
   app.add_option("--data-path", a.data_path, "prefix of a .bin/.idx pair");
@@ -128,6 +140,16 @@ inline Arguments parse_arguments(int argc, char** argv, const std::string& descr
   return a;
 }
 
+inline ParallelOptions parallel_options(const Arguments& a) {
+  ParallelOptions o;
+  o.ddp_impl = a.ddp_impl;
+  o.ddp_bucket_size = a.ddp_bucket_size;
+  o.sequence_parallel = a.sequence_parallel;
+  o.pipeline_schedule = a.pipeline_schedule;
+  o.layers_per_virtual_stage = a.num_layers_per_virtual_pipeline_stage;
+  return o;
+}
+
 // Every check that needs no communicator, in one place, before anything big exists.
 // Reads the data's index (small) to check files and token ids against the vocabulary.
 inline void validate_arguments(Arguments& a, int64_t world_size) {
@@ -137,8 +159,9 @@ inline void validate_arguments(Arguments& a, int64_t world_size) {
   const int64_t model_parallel = a.layout.tp * a.layout.pp * a.layout.cp;
   if (a.layout.dp == 0) {
     require(world_size % model_parallel == 0,
-            "the number of ranks ({}) must be divisible by tensor ({}) x context ({}) x pipeline ({}) parallel sizes",
-            world_size, a.layout.tp, a.layout.cp, a.layout.pp);
+            "the number of ranks ({}) must be divisible by --tensor-model-parallel-size ({}) x --context-parallel-size "
+            "({}) x --pipeline-model-parallel-size ({}) = {}; launch with mpirun -np {} or change the sizes",
+            world_size, a.layout.tp, a.layout.cp, a.layout.pp, model_parallel, model_parallel);
     a.layout.dp = world_size / model_parallel;
   }
   validate_layout(a.layout, world_size);
@@ -150,12 +173,19 @@ inline void validate_arguments(Arguments& a, int64_t world_size) {
   require(a.ddp_bucket_size > 0, "--ddp-bucket-size must be positive, got {}", a.ddp_bucket_size);
   require(a.make_vocab_size_divisible_by >= 1, "--make-vocab-size-divisible-by must be at least 1, got {}",
           a.make_vocab_size_divisible_by);
-  require(a.mock_data != !a.data_path.empty(), "give exactly one of --data-path and --mock-data");
+  require(a.mock_data != !a.data_path.empty(), "give exactly one of --data-path and --mock-data, got {}",
+          a.mock_data ? fmt::format("both (--data-path {})", a.data_path) : std::string("neither"));
+  split_documents(a.split, /*n=*/0);  // the syntax of --split, even where --mock-data ignores it
   if (a.vocab_size == 0 && !a.tokenizer_model.empty()) a.vocab_size = SpmVocab(spm_vocab_path(a.tokenizer_model)).size();
   require(a.vocab_size > 0, "--vocab-size must be positive (or give --tokenizer-model), got {}", a.vocab_size);
   if (!a.data_path.empty()) {
-    IndexedDataset data(a.data_path);  // checks both files, the header and the sizes
-    split_documents(a.split, data.num_sequences());
+    auto data = [&] {  // checks both files, the header and the sizes
+      try {
+        return IndexedDataset(a.data_path);
+      } catch (const UsageError& e) {
+        throw UsageError(fmt::format("--data-path: {}", e.what()));
+      }
+    }();
     const int64_t max_id = data.max_token_id();
     require(max_id < a.vocab_size, "--vocab-size ({}) is too small for {}: it holds token id {}", a.vocab_size,
             a.data_path, max_id);
@@ -163,6 +193,10 @@ inline void validate_arguments(Arguments& a, int64_t world_size) {
   a.model.vocab_size = padded_vocab_size(a.vocab_size, a.make_vocab_size_divisible_by, a.layout.tp);
   validate_model_config(a.model);
   validate_train_config(a.train, a.layout.dp);
+  validate_tensor_parallel(a.model, a.layout.tp, a.sequence_parallel);
+  require(!a.sequence_parallel || a.layout.tp > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1");
+  validate_pipeline(a.model.num_layers, a.layout.pp, a.num_layers_per_virtual_pipeline_stage,
+                    a.train.accumulation_steps(a.layout.dp), a.pipeline_schedule);
 }
 
 }  // namespace lightron

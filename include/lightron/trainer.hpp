@@ -1,22 +1,23 @@
 // lightron/trainer.hpp — the composition (tutorial stage 4): one training step for any
-// layout on the grid. It builds the whole model from the seed (so every layout starts from
-// the single-device weights), applies the parallelism the layout asks for, and runs
-//     forward/backward over this rank's micro-batches
-//  -> finish the data-parallel gradient all-reduce
-//  -> global gradient norm (each parameter counted once across the grid) and clipping
+// tp × dp × pp layout on the grid. It builds the whole model from the seed (so every layout
+// starts from the single-device weights), shards it (tensor_parallel), cuts it to this
+// rank's pipeline stage (pipeline_parallel), and then each step runs
+//     forward/backward over this rank's micro-batches (a pipeline schedule when pp > 1)
+//  -> gradients averaged over dp (data_parallel), summed over tp for sequence-parallel
+//     replicas, and over the first+last stage for tied embeddings
+//  -> the global gradient norm, each parameter counted once across the grid, and clipping
 //  -> AdamW with the scheduled learning rate.
-// examples/pretrain_gpt.cpp and the parity tests both drive this class.
+// examples/pretrain_gpt.cpp and the parity tests drive this class.
 #pragma once
 
+#include "checkpoint.hpp"
 #include "data.hpp"
 #include "data_parallel.hpp"
-#include "gpt.hpp"
+#include "pipeline_schedule.hpp"
 #include "tp_model.hpp"
 #include "train.hpp"
 
-#include <filesystem>
 #include <map>
-#include <fstream>
 
 namespace lightron {
 
@@ -24,18 +25,30 @@ struct ParallelOptions {
   std::string ddp_impl = "bucketed";   // naive | bucketed
   int64_t ddp_bucket_size = 40000000;  // elements
   bool sequence_parallel = false;
+  std::string pipeline_schedule = "1f1b";  // 1f1b | afab
+  int64_t layers_per_virtual_stage = 0;    // > 0: interleaved 1f1b
 };
 
 class Trainer {
  public:
-  Trainer(const GPTConfig& model_config, const TrainConfig& train, const ParallelOptions& options,
-          ProcessGroups& groups)
+  Trainer(const GPTConfig& model_config, const TrainConfig& train, const ParallelOptions& options, ProcessGroups& groups)
       : train_(train), options_(options), groups_(groups) {
+    const auto& l = groups.layout;
+    validate_pipeline(model_config.num_layers, l.pp, options.layers_per_virtual_stage,
+                      train.accumulation_steps(l.dp), options.pipeline_schedule);
     torch::manual_seed(train.seed);
     model = std::make_shared<GPT>(model_config);  // whole, from the seed: every layout starts here
     tp_info = apply_tensor_parallel(*model, groups.tp, options.sequence_parallel);
+    stage = apply_pipeline_parallel(model, groups.coords.pp, l.pp,
+                                    virtual_stages(model_config.num_layers, l.pp, options.layers_per_virtual_stage));
+    engine = std::make_unique<PipelineEngine>(stage, groups, model_config.hidden_size,
+                                              options.sequence_parallel ? l.tp : 1);
     named_params = named_parameters_of(*model);
     for (auto& [name, p] : named_params) params.push_back(p);
+    auto& sp = tp_info.sequence_parallel_params;  // keep those of this stage's layers only
+    sp.erase(std::remove_if(sp.begin(), sp.end(), [&](const torch::Tensor& t) {
+      return std::none_of(params.begin(), params.end(), [&](const torch::Tensor& p) { return p.is_same(t); });
+    }), sp.end());
     optimizer = std::make_unique<AdamW>(named_params, train);
     if (options.ddp_impl == "bucketed" && groups.dp.size > 1)
       ddp = std::make_unique<BucketedDataParallel>(params, groups.dp, options.ddp_bucket_size);
@@ -51,6 +64,7 @@ class Trainer {
     if (ddp) ddp->finish();
     else if (groups_.dp.size > 1) all_reduce_gradients(params, groups_.dp);
     for (auto& p : tp_info.sequence_parallel_params) all_reduce(groups_.tp, p.grad());
+    if (auto wte = tied_embedding()) all_reduce(groups_.embedding, wte->grad());
     all_reduce(groups_.dp, loss, /*average=*/true);
     grad_norm = global_grad_norm();
     clip_grads(params, grad_norm, train_.clip_grad);
@@ -61,73 +75,71 @@ class Trainer {
   // Mean loss over the micro-batches, no gradients (the same number on every rank).
   double evaluate(const std::vector<Batch>& micro_batches) {
     torch::NoGradGuard no_grad;
-    auto total = torch::zeros({}, torch::kDouble);
-    for (const auto& b : micro_batches) total += model->loss(b.tokens, b.labels).to(torch::kDouble);
-    total /= double(micro_batches.size());
+    torch::Tensor total = torch::zeros({}, torch::kDouble);
+    if (groups_.layout.pp > 1) {
+      total = engine->run(micro_batches, "afab", /*train=*/false);
+    } else {
+      for (const auto& b : micro_batches) total += model->loss(b.tokens, b.labels).to(torch::kDouble);
+      total /= double(micro_batches.size());
+    }
     all_reduce(groups_.dp, total, /*average=*/true);
     return total.item<double>();
   }
 
-  // Every parameter as the single-device model would hold it (a collective: call it on
-  // every rank). Shards are gathered back by the chapters that made them.
+  // Full logits (1, t, V) of ids (1, t) on every rank: a collective, for generation. The
+  // activation passes stage by stage; the last stage gathers the vocabulary and broadcasts.
+  torch::Tensor forward_logits(torch::Tensor ids) {
+    torch::NoGradGuard no_grad;
+    const int64_t t = ids.size(1), tp = groups_.layout.tp, p = stage.pp_size;
+    const int64_t pad = options_.sequence_parallel ? (tp - t % tp) % tp : 0;  // T must split over tp
+    if (pad > 0) ids = torch::cat({torch::zeros({1, pad}, ids.options()), ids}, 1);
+    torch::Tensor x = ids;
+    for (int64_t gc = 0; gc < p * stage.num_virtual; ++gc) {
+      if (gc % p != stage.pp_rank) continue;
+      if (gc > 0) {
+        auto in = torch::empty({1, ids.size(1) / (options_.sequence_parallel ? tp : 1), model->config.hidden_size});
+        recv_async(groups_.pp, in, int((gc - 1) % p), int(gc)).wait();
+        x = in;
+      }
+      x = stage.forward_chunk(gc / p, x);
+      if (gc + 1 < p * stage.num_virtual) send_async(groups_.pp, x.contiguous(), int((gc + 1) % p), int(gc + 1)).wait();
+    }
+    auto logits = torch::empty({1, ids.size(1), model->config.vocab_size});
+    if (stage.has_head()) logits = all_gather(groups_.tp, model->logits(x), 2);
+    broadcast(groups_.pp, logits, int(p - 1));
+    return logits.narrow(1, pad, t);
+  }
+
+  // Every parameter as the single-device model holds it, on every rank (a collective):
+  // tp shards are gathered and unsharded, each pipeline stage broadcasts its own.
   std::map<std::string, torch::Tensor> full_parameters() {
-    std::map<std::string, torch::Tensor> out;
+    std::map<std::string, torch::Tensor> mine, out;
     for (auto& [name, p] : named_params) {
       if (!tp_info.sharded.count(name)) {
-        out[name] = p.detach().clone();
+        mine[name] = p.detach().clone();
         continue;
       }
       auto shards = all_gather(groups_.tp, p.detach().unsqueeze(0), 0).unbind(0);
-      out[name] = unshard(std::vector<torch::Tensor>(shards.begin(), shards.end()), tp_shard_spec(name, model->config));
+      mine[name] = unshard(std::vector<torch::Tensor>(shards.begin(), shards.end()), tp_shard_spec(name, model->config));
+    }
+    if (stage.pp_size == 1) return mine;
+    GPT whole(model->config);  // for the names and shapes only
+    for (auto& p : whole.named_parameters()) {
+      const int owner = owner_stage(p.key());
+      auto t = owner == stage.pp_rank ? mine.at(p.key()) : torch::empty_like(p.value());
+      broadcast(groups_.pp, t, owner);
+      out[p.key()] = t;
     }
     return out;
   }
 
-  // A same-layout checkpoint: this rank's parameters, AdamW moments and counters in one
-  // torch pickle file per rank (checkpoint.hpp adds resharding and safetensors).
-  void save(const std::string& dir, int64_t iteration, int64_t consumed_samples) {
-    std::filesystem::create_directories(dir);
-    c10::Dict<std::string, torch::Tensor> state;
-    for (auto& s : optimizer->slots) {
-      state.insert("param." + s.name, s.param.detach());
-      state.insert("exp_avg." + s.name, s.exp_avg);
-      state.insert("exp_avg_sq." + s.name, s.exp_avg_sq);
-    }
-    state.insert("iteration", torch::tensor(iteration));
-    state.insert("consumed_samples", torch::tensor(consumed_samples));
-    state.insert("adam_step", torch::tensor(optimizer->step_count));
-    const auto bytes = torch::pickle_save(state);
-    const std::string path = fmt::format("{}/rank_{:05d}.pt", dir, groups_.rank);
-    std::ofstream(path + ".tmp", std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    std::filesystem::rename(path + ".tmp", path);  // never a half-written file under the real name
-  }
+  void save(const std::string& dir, CheckpointCounters counters) { save_rank_checkpoint(dir, groups_.rank, *optimizer, counters); }
+  CheckpointCounters load(const std::string& dir) { return load_rank_checkpoint(dir, groups_.rank, *optimizer); }
 
-  // Returns {iteration, consumed_samples} of the checkpoint in `dir`.
-  std::pair<int64_t, int64_t> load(const std::string& dir) {
-    const std::string path = fmt::format("{}/rank_{:05d}.pt", dir, groups_.rank);
-    std::ifstream in(path, std::ios::binary);
-    require(in.good(), "--load: {} not found (was it saved with the same number of ranks?)", path);
-    std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    auto state = torch::pickle_load(bytes).toGenericDict();
-    auto get = [&](const std::string& key) {
-      require(state.contains(key), "--load: {} has no '{}' (a different model shape?)", path, key);
-      return state.at(key).toTensor();
-    };
-    torch::NoGradGuard no_grad;
-    for (auto& s : optimizer->slots) {
-      auto saved = get("param." + s.name);
-      require(saved.sizes() == s.param.sizes(), "--load: {} has shape {} in {}, the model has {}", s.name,
-              fmt::join(saved.sizes(), "x"), path, fmt::join(s.param.sizes(), "x"));
-      s.param.copy_(saved);
-      s.exp_avg.copy_(get("exp_avg." + s.name));
-      s.exp_avg_sq.copy_(get("exp_avg_sq." + s.name));
-    }
-    optimizer->step_count = get("adam_step").item<int64_t>();
-    return {get("iteration").item<int64_t>(), get("consumed_samples").item<int64_t>()};
-  }
-
-  std::shared_ptr<GPT> model;
+  std::shared_ptr<GPT> model;  // this rank's part of it
   TensorParallelInfo tp_info;
+  PipelineStage stage;
+  std::unique_ptr<PipelineEngine> engine;
   std::vector<std::pair<std::string, torch::Tensor>> named_params;
   std::vector<torch::Tensor> params;
   std::unique_ptr<AdamW> optimizer;
@@ -135,18 +147,42 @@ class Trainer {
   double grad_norm = 0;
 
  private:
-  // ‖g‖ over the whole model, each parameter counted once: shards add up across tp;
-  // replicated parameters (identical on every tp rank) count on tp rank 0 only.
+  // The pipeline stage that holds a parameter (by its global name).
+  int owner_stage(const std::string& name) const {
+    if (name.rfind("h.", 0) != 0) return name.rfind("wte.", 0) == 0 || name.rfind("wpe.", 0) == 0 ? 0 : int(stage.pp_size - 1);
+    const int64_t layer = std::stoll(name.substr(2, name.find('.', 2) - 2));
+    const auto chunks = chunk_layers(model->config.num_layers, stage.pp_size * stage.num_virtual);
+    for (size_t c = 0; c < chunks.size(); ++c)
+      if (std::find(chunks[c].begin(), chunks[c].end(), layer) != chunks[c].end()) return int(c % stage.pp_size);
+    return 0;
+  }
+
+  // The last stage's copy of a tied wte (pp > 1, first or last stage), else null.
+  const torch::Tensor* tied_embedding() const {
+    if (stage.pp_size == 1 || !model->config.tied() || !model->wte) return nullptr;
+    return &model->wte->weight;
+  }
+
+  // ‖g‖ over the whole model, each parameter counted once: tp shards add up; replicated
+  // parameters count on tp rank 0 only; the last stage's copy of a tied wte not at all.
   double global_grad_norm() {
     std::vector<torch::Tensor> counted;
-    for (auto& [name, p] : named_params)
-      if (tp_info.sharded.count(name) || groups_.tp.rank == 0) counted.push_back(p);
+    for (auto& [name, p] : named_params) {
+      const bool replicated = !tp_info.sharded.count(name) && groups_.tp.rank != 0;
+      const bool tied_copy = name == "wte.weight" && !stage.has_embedding();
+      if (!replicated && !tied_copy) counted.push_back(p);
+    }
     auto sq = torch::tensor(grad_sq_norm(counted), torch::kDouble);
     all_reduce(groups_.tp, sq);
+    all_reduce(groups_.pp, sq);
     return std::sqrt(sq.item<double>());
   }
 
   torch::Tensor forward_backward(const std::vector<Batch>& micro_batches) {
+    if (stage.pp_size > 1) {
+      if (ddp) ddp->set_sync(false);  // buckets are all-reduced in finish(), after the last backward
+      return engine->run(micro_batches, options_.pipeline_schedule, /*train=*/true);
+    }
     auto total = torch::zeros({}, torch::kDouble);
     const double n = double(micro_batches.size());
     for (size_t i = 0; i < micro_batches.size(); ++i) {

@@ -1,0 +1,103 @@
+// lightron/pipeline_parallel.hpp — pipeline parallelism, part 1: who holds which layers.
+// The model's blocks are cut into p·v consecutive chunks (v = 1, or v virtual stages per
+// rank for the interleaved schedule); pipeline rank s keeps chunks s, s + p, s + 2p, …
+// The first chunk also owns the embeddings, the last one the final norm, the output layer
+// and the loss. Everything else is dropped from this rank's model, so its parameters (and
+// its optimizer state) are those of its stage only. Parameter names stay global ("h.5.…").
+//
+// Tied embeddings: the last stage keeps its own copy of wte.weight for the output layer;
+// after backward the two copies' gradients are summed over the embedding group (first and
+// last stage), so both stay equal, as Megatron-LM does.
+// pipeline_schedule.hpp runs micro-batches through the stages. Tutorial stage 3.
+#pragma once
+
+#include "gpt.hpp"
+#include "process_groups.hpp"
+
+namespace lightron {
+
+// Layers of every model chunk: p·v chunks; when L is not a multiple of p·v the first
+// L mod (p·v) chunks get one layer more (the interleaved schedule requires a multiple).
+inline std::vector<std::vector<int64_t>> chunk_layers(int64_t num_layers, int64_t num_chunks) {
+  std::vector<std::vector<int64_t>> chunks(num_chunks);
+  int64_t layer = 0;
+  for (int64_t c = 0; c < num_chunks; ++c)
+    for (int64_t i = 0; i < num_layers / num_chunks + (c < num_layers % num_chunks ? 1 : 0); ++i)
+      chunks[c].push_back(layer++);
+  return chunks;
+}
+
+// v from --num-layers-per-virtual-pipeline-stage (0: no interleaving).
+inline int64_t virtual_stages(int64_t num_layers, int64_t pp, int64_t layers_per_virtual_stage) {
+  return layers_per_virtual_stage > 0 ? num_layers / (pp * layers_per_virtual_stage) : 1;
+}
+
+inline void validate_pipeline(int64_t num_layers, int64_t pp, int64_t layers_per_virtual_stage, int64_t micro_batches,
+                              const std::string& schedule) {
+  require(num_layers >= pp, "--num-layers ({}) must be at least --pipeline-model-parallel-size ({})", num_layers, pp);
+  require(schedule == "1f1b" || schedule == "afab", "--pipeline-schedule must be 1f1b or afab, got '{}'", schedule);
+  if (layers_per_virtual_stage <= 0) return;
+  require(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1");
+  require(num_layers % (pp * layers_per_virtual_stage) == 0,
+          "--num-layers ({}) must be divisible by --pipeline-model-parallel-size ({}) x "
+          "--num-layers-per-virtual-pipeline-stage ({}) for the interleaved schedule",
+          num_layers, pp, layers_per_virtual_stage);
+  require(micro_batches % pp == 0,
+          "the interleaved schedule needs the number of micro-batches ({} = global batch / (micro batch x dp)) to be "
+          "a multiple of --pipeline-model-parallel-size ({})", micro_batches, pp);
+}
+
+struct PipelineStage {
+  std::shared_ptr<GPT> model;                // only this rank's parts remain
+  std::vector<std::vector<int64_t>> chunks;  // global layer numbers of the chunks held here
+  int64_t pp_rank = 0, pp_size = 1, num_virtual = 1;
+  bool has_embedding() const { return pp_rank == 0; }         // in chunk 0
+  bool has_head() const { return pp_rank == pp_size - 1; }    // in chunk v - 1
+  int64_t global_chunk(int64_t c) const { return c * pp_size + pp_rank; }
+  bool is_first_chunk(int64_t c) const { return global_chunk(c) == 0; }
+  bool is_last_chunk(int64_t c) const { return global_chunk(c) == pp_size * num_virtual - 1; }
+
+  // Chunk c's blocks; the first chunk takes token ids (B, T), the others activations.
+  torch::Tensor forward_chunk(int64_t c, const torch::Tensor& input) {
+    auto x = is_first_chunk(c) ? model->embed(input) : input;  // (B, T, C)
+    for (int64_t layer : chunks[c]) x = model->blocks[layer]->forward(x);
+    return x;
+  }
+  torch::Tensor loss(const torch::Tensor& x, const torch::Tensor& labels) { return model->loss_fn(model->logits(x), labels); }
+};
+
+// Cuts `model` down to pipeline rank `pp_rank`'s chunks, in place.
+inline PipelineStage apply_pipeline_parallel(std::shared_ptr<GPT> model, int64_t pp_rank, int64_t pp_size,
+                                             int64_t num_virtual) {
+  PipelineStage stage{model, {}, pp_rank, pp_size, num_virtual};
+  auto all = chunk_layers(model->config.num_layers, pp_size * num_virtual);
+  std::vector<bool> keep(model->blocks.size(), false);
+  for (int64_t c = 0; c < num_virtual; ++c) {
+    stage.chunks.push_back(all[stage.global_chunk(c)]);
+    for (int64_t layer : stage.chunks.back()) keep[layer] = true;
+  }
+  if (pp_size == 1) return stage;
+  for (size_t layer = 0; layer < keep.size(); ++layer) {
+    if (keep[layer]) continue;
+    model->h->unregister_module(std::to_string(layer));
+    model->blocks[layer] = nullptr;
+  }
+  const bool tied_head = stage.has_head() && model->config.tied();  // keeps wte for the output layer
+  if (!stage.has_head()) {  // (the tied output layer holds wte: drop it first)
+    model->unregister_module("ln_f");
+    if (!model->config.tied()) model->unregister_module("lm_head");
+    model->ln_f = nullptr;
+    model->lm_head = nullptr;
+  }
+  if (!stage.has_embedding() && !tied_head) {
+    model->unregister_module("wte");
+    model->wte = nullptr;
+  }
+  if (!stage.has_embedding() && model->wpe) {
+    model->unregister_module("wpe");
+    model->wpe = nullptr;
+  }
+  return stage;
+}
+
+}  // namespace lightron
