@@ -35,6 +35,20 @@ Datasets make_datasets(const Arguments& a) {
   return d;
 }
 
+// This rank's own JSON-lines file, PATH.rankN (timeline, communication counters).
+struct RankFile {
+  std::FILE* file = nullptr;
+  RankFile(const std::string& path, const char* flag, int rank) {
+    if (path.empty()) return;
+    const auto name = fmt::format("{}.rank{}", path, rank);
+    file = std::fopen(name.c_str(), "w");
+    require(file != nullptr, "{}: cannot open '{}' for writing", flag, name);
+  }
+  ~RankFile() {
+    if (file) std::fclose(file);
+  }
+};
+
 std::vector<Batch> to_batches(const GPTSampleSource& source, const std::vector<std::vector<int64_t>>& micro) {
   std::vector<Batch> batches;
   for (const auto& indices : micro) batches.push_back(make_batch(source, indices));
@@ -61,6 +75,11 @@ int main(int argc, char** argv) {
     const LaunchEnv env = launch_env();
     global_rank() = env.rank;
     Arguments a = parse_arguments(argc, argv, "lightron: pretrain a GPT on any tp x dp x pp layout");
+    if (a.dry_run) {  // the layout's ranks, computed here in one process
+      validate_arguments(a, a.layout.tp * a.layout.cp * a.layout.pp * std::max<int64_t>(1, a.layout.dp));
+      print_dry_run(a);
+      return 0;
+    }
     validate_arguments(a, env.world_size);  // before anything big is allocated
     setup_process(a.num_threads);
     GroupOptions group_options;
@@ -93,23 +112,19 @@ int main(int argc, char** argv) {
     }
 
     MetricsLog metrics(a.metrics_file);
-    struct RankFile {  // this rank's own JSON-lines file (PATH.rankN), for the pipeline timeline
-      std::FILE* file = nullptr;
-      bool empty() const { return file == nullptr; }
-      ~RankFile() { if (file) std::fclose(file); }
-    } timeline;
-    if (!a.timeline_file.empty() && a.layout.pp > 1) {
-      const auto path = fmt::format("{}.rank{}", a.timeline_file, groups->rank);
-      timeline.file = std::fopen(path.c_str(), "w");
-      require(timeline.file != nullptr, "--timeline-file: cannot open '{}' for writing", path);
-    }
+    RankFile timeline(a.layout.pp > 1 ? a.timeline_file : "", "--timeline-file", groups->rank);
+    RankFile comm(a.comm_file, "--comm-file", groups->rank);
     const double flops = flops_per_token(num_params, a.model.num_layers, a.model.hidden_size, a.model.seq_length);
     const double peak = a.peak_tflops > 0 ? a.peak_tflops : 0.1 * a.num_threads;
     Timer interval;
     for (int64_t it = first_iteration; it <= a.train.train_iters; ++it) {
       auto batches = to_batches(*data.train, sampler.next_global_batch());
       const double loss = trainer.step(batches, it);
-      if (!timeline.empty()) fmt::print(timeline.file, "{}", trainer.engine->timeline_json(it));
+      if (timeline.file) fmt::print(timeline.file, "{}", trainer.engine->timeline_json(it));
+      if (comm.file) fmt::print(comm.file, "{}\n", comm_stats().json(it));
+      comm_stats().reset();
+      if (a.check_weight_hash_interval > 0 && it % a.check_weight_hash_interval == 0)
+        check_replicas(trainer.params, groups->dp, it);
       if (it % a.train.log_interval == 0 || it == a.train.train_iters) {
         const int64_t iters = it % a.train.log_interval == 0 ? a.train.log_interval : it % a.train.log_interval;
         StepMetrics m;

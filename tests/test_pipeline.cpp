@@ -138,3 +138,32 @@ TEST_SUITE("mpi_3d") {
   TEST_CASE("2x2x2 parity: GPT-2, 1F1B") { pp_parity(GPTConfig::gpt2(), 2, 2, "1f1b"); }
   TEST_CASE("2x2x2 parity: Llama, sequence parallel, 1F1B") { pp_parity(GPTConfig::llama(), 2, 2, "1f1b", 0, true); }
 }
+
+namespace test_pp_detail {
+// --dry-run's exact numbers against what the Trainer allocated on this rank.
+void check_dry_run(const GPTConfig& c, ProcessGroups& g, const ParallelOptions& o) {
+  const auto train = tiny_train(8, 1);
+  Trainer trainer(c, train, o, g);
+  const auto m = estimate_memory(c, g.layout, g.coords, 1, train.accumulation_steps(g.layout.dp),
+                                 o.layers_per_virtual_stage, o.pipeline_schedule, o.sequence_parallel);
+  int64_t params = 0, grads = 0, adam = 0;
+  for (auto& p : trainer.params) params += p.numel(), grads += nbytes(p.grad());
+  for (auto& s : trainer.optimizer->slots) adam += nbytes(s.exp_avg) + nbytes(s.exp_avg_sq);
+  CHECK(m.parameters == params);
+  CHECK(m.parameter_bytes == 4 * params);
+  CHECK(m.gradient_bytes == grads);
+  CHECK(m.optimizer_bytes == adam);
+}
+}  // namespace test_pp_detail
+
+TEST_CASE("dry run: 1x1x1 parameter, gradient and optimizer bytes equal the allocation") {
+  auto single = make_process_groups(c10::make_intrusive<c10d::HashStore>(), 0, Layout{});
+  for (auto flavour : {GPTConfig::gpt2(), GPTConfig::llama()}) check_dry_run(tiny_config(flavour, 4), *single, {});
+}
+
+TEST_SUITE("mpi_3d") {
+  TEST_CASE("dry run: 2x2x2 parameter, gradient and optimizer bytes equal the allocation on every rank") {
+    auto g = groups_for(2, 2);
+    for (auto flavour : {GPTConfig::gpt2(), GPTConfig::llama()}) check_dry_run(tiny_config(flavour, 4), *g, {});
+  }
+}

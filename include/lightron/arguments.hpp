@@ -9,6 +9,7 @@
 
 #include "data.hpp"
 #include "gpt.hpp"
+#include "memory.hpp"
 #include "pipeline_parallel.hpp"
 #include "process_groups.hpp"
 #include "tp_model.hpp"
@@ -40,6 +41,7 @@ struct Arguments {
   std::string pipeline_schedule = "1f1b";
   int64_t num_layers_per_virtual_pipeline_stage = 0;
   std::string timeline_file;
+  bool dry_run = false;
   int64_t sample_tokens = 0;          // after training, print samples of this many tokens
   int64_t num_samples_to_print = 3;
   double temperature = 0.8;
@@ -106,7 +108,8 @@ inline Arguments parse_arguments(int argc, char** argv, const std::string& descr
   app.add_option("--pipeline-schedule", a.pipeline_schedule, "1f1b or afab");
   app.add_option("--num-layers-per-virtual-pipeline-stage", a.num_layers_per_virtual_pipeline_stage,
                  "> 0: interleaved 1f1b");
-  app.add_option("--timeline-file", a.timeline_file, "JSON lines of the pipeline timeline (every rank appends)");
+  app.add_option("--timeline-file", a.timeline_file, "JSON lines of the pipeline timeline, PATH.rankN per rank");
+  app.add_flag("--dry-run", a.dry_run, "print each rank's memory for this layout and exit (one process)");
   app.add_option("--vocab-size", a.vocab_size, "before padding; 0: the tokenizer's");
   app.add_option("--make-vocab-size-divisible-by", a.make_vocab_size_divisible_by);
   app.add_option("--data-path", a.data_path, "prefix of a .bin/.idx pair");
@@ -118,7 +121,7 @@ inline Arguments parse_arguments(int argc, char** argv, const std::string& descr
   app.add_option("--save-interval", a.save_interval, "0: only at the end");
   app.add_option("--load", a.load, "checkpoint directory to resume from");
   app.add_option("--metrics-file", a.metrics_file, "JSON lines of the logged metrics");
-  app.add_option("--comm-file", a.comm_file, "JSON lines of bytes/calls per group and operation");
+  app.add_option("--comm-file", a.comm_file, "JSON lines of bytes/calls per group and operation, PATH.rankN");
   app.add_option("--num-threads", a.num_threads, "threads per rank");
   app.add_option("--peak-tflops", a.peak_tflops, "per-rank peak for MFU");
   app.add_option("--distributed-timeout-seconds", a.distributed_timeout_seconds);
@@ -197,6 +200,25 @@ inline void validate_arguments(Arguments& a, int64_t world_size) {
   require(!a.sequence_parallel || a.layout.tp > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1");
   validate_pipeline(a.model.num_layers, a.layout.pp, a.num_layers_per_virtual_pipeline_stage,
                     a.train.accumulation_steps(a.layout.dp), a.pipeline_schedule);
+}
+
+// --dry-run: the memory of every rank of the layout, from the flags alone.
+inline void print_dry_run(const Arguments& a) {
+  print0("dry run: layout tp {} cp {} dp {} pp {}, micro-batch {}, {} micro-batches per step, schedule {}\n", a.layout.tp,
+         a.layout.cp, a.layout.dp, a.layout.pp, a.train.micro_batch_size, a.train.accumulation_steps(a.layout.dp),
+         a.layout.pp > 1 ? a.pipeline_schedule : "none");
+  print0("{:>5} {:>4} {:>4} {:>4} {:>12} {:>12} {:>12} {:>12} {:>14} {:>12}\n", "rank", "tp", "dp", "pp", "parameters",
+         "params MiB", "grads MiB", "adam MiB", "activ. MiB (~)", "total MiB");
+  const double mib = 1024.0 * 1024.0;
+  for (int64_t r = 0; r < a.layout.world(); ++r) {
+    const Coords c = coords_of(r, a.layout);
+    const auto m = estimate_memory(a.model, a.layout, c, a.train.micro_batch_size, a.train.accumulation_steps(a.layout.dp),
+                                   a.num_layers_per_virtual_pipeline_stage, a.pipeline_schedule, a.sequence_parallel);
+    const double total = double(m.parameter_bytes + m.gradient_bytes + m.optimizer_bytes + m.activation_bytes);
+    print0("{:>5} {:>4} {:>4} {:>4} {:>12} {:>12.2f} {:>12.2f} {:>12.2f} {:>14.2f} {:>12.2f}\n", r, c.tp, c.dp, c.pp,
+           m.parameters, m.parameter_bytes / mib, m.gradient_bytes / mib, m.optimizer_bytes / mib,
+           m.activation_bytes / mib, total / mib);
+  }
 }
 
 }  // namespace lightron

@@ -16,4 +16,5 @@
 #include "pipeline_parallel.hpp"  // who holds which layers                 (stage 3)
 #include "pipeline_schedule.hpp"  // AFAB, 1F1B, interleaved; the timeline  (stage 3)
 #include "checkpoint.hpp"         // same-layout save and resume           (stage 0)
+#include "memory.hpp"             // per-rank memory before allocating     (stage 3)
 #include "trainer.hpp"            // one training step for any layout      (stage 4)

@@ -1,0 +1,86 @@
+// lightron/memory.hpp — how much memory each rank of a layout needs, before anything is
+// allocated (`pretrain_gpt --dry-run`). Parameters, gradients and AdamW state are exact:
+// the parameters are enumerated from the config, split by tp_shard_spec and assigned to
+// pipeline stages by chunk_layers, as the run itself does (a test checks the equality).
+// Activations are an estimate: the tensors autograd keeps per layer and micro-batch, times
+// the micro-batches a schedule holds in flight. Introduced in tutorial stage 3.
+#pragma once
+
+#include "pipeline_parallel.hpp"
+#include "tp_model.hpp"
+
+namespace lightron {
+
+// Every parameter of the whole model with its shape, in the model's order.
+inline std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes(const GPTConfig& c) {
+  std::vector<std::pair<std::string, std::vector<int64_t>>> out;
+  const int64_t C = c.hidden_size, fc_out = c.swiglu ? 2 * c.ffn() : c.ffn();
+  auto linear = [&](const std::string& name, int64_t in, int64_t outs, bool bias) {
+    out.push_back({name + ".weight", {outs, in}});
+    if (bias) out.push_back({name + ".bias", {outs}});
+  };
+  auto norm = [&](const std::string& name) {
+    out.push_back({name + ".weight", {C}});
+    if (!c.rms_norm()) out.push_back({name + ".bias", {C}});
+  };
+  out.push_back({"wte.weight", {c.vocab_size, C}});
+  if (!c.rope()) out.push_back({"wpe.weight", {c.max_positions(), C}});
+  for (int64_t i = 0; i < c.num_layers; ++i) {
+    const std::string h = "h." + std::to_string(i) + ".";
+    norm(h + "ln_1");
+    linear(h + "attn.c_attn", C, c.qkv_size(), c.add_bias_linear);
+    linear(h + "attn.c_proj", C, C, c.add_bias_linear);
+    norm(h + "ln_2");
+    linear(h + "mlp.c_fc", C, fc_out, c.add_bias_linear);
+    linear(h + "mlp.c_proj", c.ffn(), C, c.add_bias_linear);
+  }
+  norm("ln_f");
+  if (!c.tied()) linear("lm_head", C, c.vocab_size, false);
+  return out;
+}
+
+struct MemoryEstimate {
+  int64_t parameters = 0;        // elements held by this rank
+  int64_t parameter_bytes = 0, gradient_bytes = 0, optimizer_bytes = 0;  // exact
+  int64_t activation_bytes = 0;  // estimate
+};
+
+// Memory of the rank at `coords` of `layout` (fp32 parameters, gradients and two AdamW moments).
+inline MemoryEstimate estimate_memory(const GPTConfig& c, const Layout& layout, const Coords& coords,
+                                      int64_t micro_batch, int64_t micro_batches, int64_t layers_per_virtual_stage,
+                                      const std::string& schedule, bool sequence_parallel) {
+  const int64_t p = layout.pp, tp = layout.tp, v = virtual_stages(c.num_layers, p, layers_per_virtual_stage);
+  const auto chunks = chunk_layers(c.num_layers, p * v);
+  std::vector<bool> mine(c.num_layers, false);
+  for (int64_t k = 0; k < v; ++k)
+    for (int64_t layer : chunks[k * p + coords.pp]) mine[layer] = true;
+  const bool first = coords.pp == 0, last = coords.pp == p - 1;
+  MemoryEstimate m;
+  for (const auto& [name, shape] : parameter_shapes(c)) {
+    bool held;
+    if (name.rfind("h.", 0) == 0) held = mine[std::stoll(name.substr(2, name.find('.', 2) - 2))];
+    else if (name.rfind("wte.", 0) == 0) held = first || (last && c.tied());
+    else if (name.rfind("wpe.", 0) == 0) held = first;
+    else held = last;  // ln_f, lm_head
+    if (!held) continue;
+    int64_t numel = 1;
+    for (int64_t d : shape) numel *= d;
+    m.parameters += tp_shard_spec(name, c).dim >= 0 ? numel / tp : numel;
+  }
+  m.parameter_bytes = m.gradient_bytes = 4 * m.parameters;
+  m.optimizer_bytes = 2 * 4 * m.parameters;
+  // Kept for backward per layer and micro-batch (fp32 elements): about 10 activations of
+  // B·T·C (norms, residuals, projections; split by tp under sequence parallel), q, k, v
+  // and the MLP's input/output (split by tp), and two (B, H/tp, T, T) attention matrices.
+  const int64_t B = micro_batch, T = c.seq_length, C = c.hidden_size, H = c.num_attention_heads;
+  const int64_t fc = c.swiglu ? 3 * c.ffn() : 2 * c.ffn();
+  const int64_t per_layer = B * T * (10 * C / (sequence_parallel ? tp : 1) + (2 * c.qkv_size() + fc) / tp) +
+                            2 * B * (H / tp) * T * T;
+  int64_t layers = 0;
+  for (bool b : mine) layers += b;
+  const int64_t in_flight = p == 1 ? 1 : schedule == "afab" ? micro_batches : std::min(micro_batches, p - coords.pp);
+  m.activation_bytes = 4 * per_layer * layers * in_flight;
+  return m;
+}
+
+}  // namespace lightron
