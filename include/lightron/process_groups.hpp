@@ -197,25 +197,46 @@ inline void start_heartbeat(int rank, int world_size, const std::string& host, u
     } catch (...) {  // the store is gone: the job is ending one way or another
     }
   });
-  describe_lost_ranks() = [connect, world_size]() -> std::string {
-    try {
-      auto store = connect(std::chrono::seconds(3));
-      auto read = [&] {
-        std::vector<int64_t> beats;
-        for (int r = 0; r < world_size; ++r) beats.push_back(store->add(fmt::format("lightron/alive/{}", r), 0));
-        return beats;
-      };
-      auto before = read();
-      std::this_thread::sleep_for(std::chrono::milliseconds(2500));
-      auto after = read();
-      std::vector<int> lost;
+  // Reads the counters every 0.5 s for 2.5 s. A rank that meets a failure marks itself
+  // "failed" (it exits after its own message), so that ranks noticing later do not call it
+  // lost. Rank 0 hosts the store and may exit meanwhile: then the reads that arrived decide if
+  // they span 1.5 s (three beats). Without the store we cannot tell a lost rank 0 from one
+  // that exited after its own message (which names the lost rank), and say so.
+  describe_lost_ranks() = [connect, rank, world_size]() -> std::string {
+    const std::string no_store =
+        "the rendezvous store on rank 0 no longer answers (rank 0 is lost, or exited after its own error)";
+    c10::intrusive_ptr<c10d::TCPStore> store;
+    auto key = [](const char* what, int r) { return fmt::format("lightron/{}/{}", what, r); };
+    auto read = [&] {  // heartbeat counters; -1 for a rank marked failed
+      std::vector<int64_t> beats;
       for (int r = 0; r < world_size; ++r)
-        if (after[r] == before[r]) lost.push_back(r);
-      return lost.empty() ? "every rank is still alive (a timeout: is one stuck?)"
-                          : fmt::format("lost rank(s) {} (no heartbeat for 2.5 s)", fmt::join(lost, ","));
+        beats.push_back(store->check({key("failed", r)}) ? -1 : store->add(key("alive", r), 0));
+      return beats;
+    };
+    std::vector<int64_t> before, after;
+    try {
+      store = connect(std::chrono::seconds(3));
+      store->set(key("failed", rank), std::vector<uint8_t>{1});
+      before = after = read();
     } catch (const std::exception&) {
-      return "lost rank 0 (it hosts the rendezvous store, which no longer answers)";
+      return no_store;
     }
+    const Timer window;
+    double span = 0;
+    try {
+      while (span < 2.5) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(500));
+        after = read();
+        span = window.seconds();
+      }
+    } catch (const std::exception&) {  // rank 0 exited: judge from the reads so far
+    }
+    if (span < 1.5) return no_store;
+    std::vector<int> lost;
+    for (int r = 0; r < world_size; ++r)
+      if (after[r] >= 0 && after[r] == before[r]) lost.push_back(r);
+    return lost.empty() ? "every rank is still alive (a timeout: is one stuck?)"
+                        : fmt::format("lost rank(s) {} (no heartbeat for {:.1f} s)", fmt::join(lost, ","), span);
   };
 }
 
