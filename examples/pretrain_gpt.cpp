@@ -82,14 +82,19 @@ int main(int argc, char** argv) {
     }
     validate_arguments(a, env.world_size);  // before anything big is allocated
     setup_process(a.num_threads);
+    const torch::Device device = a.device == "cuda" ? torch::Device(torch::kCUDA, env.local_rank) : torch::Device(torch::kCPU);
     GroupOptions group_options;
     group_options.timeout = std::chrono::milliseconds(int64_t(a.distributed_timeout_seconds * 1000));
+    group_options.cuda = device.is_cuda();
     auto groups = init_process_groups(a.layout, group_options);
-    print0("lightron: {} rank(s) via {} | layout tp {} cp {} dp {} pp {} | vocab {} padded to {}\n", env.world_size,
-           env.launcher, a.layout.tp, a.layout.cp, a.layout.dp, a.layout.pp, a.vocab_size, a.model.vocab_size);
+    print0("lightron: {} rank(s) via {} on {}{} | layout tp {} cp {} dp {} pp {} | vocab {} padded to {} (multiple of "
+           "{} x tp)\n", env.world_size, env.launcher, a.device, a.bf16 ? " (bf16)" : "", a.layout.tp, a.layout.cp,
+           a.layout.dp, a.layout.pp, a.vocab_size, a.model.vocab_size, a.make_vocab_size_divisible_by);
 
     auto data = make_datasets(a);
-    Trainer trainer(a.model, a.train, parallel_options(a), *groups);
+    ParallelOptions options = parallel_options(a);
+    options.device = device;
+    Trainer trainer(a.model, a.train, options, *groups);
     const int64_t num_params = [&] {
       int64_t n = 0;
       for (auto& p : trainer.params) n += p.numel();
@@ -115,7 +120,9 @@ int main(int argc, char** argv) {
     RankFile timeline(a.layout.pp > 1 ? a.timeline_file : "", "--timeline-file", groups->rank);
     RankFile comm(a.comm_file, "--comm-file", groups->rank);
     const double flops = flops_per_token(num_params, a.model.num_layers, a.model.hidden_size, a.model.seq_length);
-    const double peak = a.peak_tflops > 0 ? a.peak_tflops : 0.1 * a.num_threads;
+    // Default peaks: H100/H200 SXM dense bf16 989 TFLOP/s (fp32 67); CPU 0.1 TFLOP/s per thread
+    // (the fp32 GEMM peak measured on the 2-core machines these labs use).
+    const double peak = a.peak_tflops > 0 ? a.peak_tflops : device.is_cuda() ? (a.bf16 ? 989.0 : 67.0) : 0.1 * a.num_threads;
     Timer interval;
     for (int64_t it = first_iteration; it <= a.train.train_iters; ++it) {
       auto batches = to_batches(*data.train, sampler.next_global_batch());
@@ -137,7 +144,7 @@ int main(int argc, char** argv) {
         m.tokens_per_s = double(a.train.global_batch_size * a.model.seq_length) / (m.ms_per_iter / 1000);
         m.tflops = m.tokens_per_s * flops / 1e12 / double(env.world_size);  // per rank
         m.mfu = m.tflops / peak;
-        m.peak_mib = peak_memory_mib();
+        m.peak_mib = peak_memory_mib(device);
         metrics.log(m, a.train.train_iters);
         if (a.layout.pp > 1) {
           auto wall = torch::tensor(trainer.engine->measured_bubble(), torch::kDouble);

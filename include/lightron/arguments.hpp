@@ -42,6 +42,8 @@ struct Arguments {
   int64_t num_layers_per_virtual_pipeline_stage = 0;
   std::string timeline_file;
   bool dry_run = false;
+  std::string device;  // cpu | cuda; empty: cuda when available
+  bool bf16 = false;
   int64_t sample_tokens = 0;          // after training, print samples of this many tokens
   int64_t num_samples_to_print = 3;
   double temperature = 0.8;
@@ -109,6 +111,8 @@ inline Arguments parse_arguments(int argc, char** argv, const std::string& descr
   app.add_option("--num-layers-per-virtual-pipeline-stage", a.num_layers_per_virtual_pipeline_stage,
                  "> 0: interleaved 1f1b");
   app.add_option("--timeline-file", a.timeline_file, "JSON lines of the pipeline timeline, PATH.rankN per rank");
+  app.add_option("--device", a.device, "cpu or cuda (default: cuda when available)");
+  app.add_flag("--bf16", a.bf16, "bf16 compute with fp32 master weights (CUDA)");
   app.add_flag("--dry-run", a.dry_run, "print each rank's memory for this layout and exit (one process)");
   app.add_option("--vocab-size", a.vocab_size, "before padding; 0: the tokenizer's");
   app.add_option("--make-vocab-size-divisible-by", a.make_vocab_size_divisible_by);
@@ -150,6 +154,7 @@ inline ParallelOptions parallel_options(const Arguments& a) {
   o.sequence_parallel = a.sequence_parallel;
   o.pipeline_schedule = a.pipeline_schedule;
   o.layers_per_virtual_stage = a.num_layers_per_virtual_pipeline_stage;
+  o.bf16 = a.bf16;
   return o;
 }
 
@@ -168,6 +173,11 @@ inline void validate_arguments(Arguments& a, int64_t world_size) {
     a.layout.dp = world_size / model_parallel;
   }
   validate_layout(a.layout, world_size);
+  if (a.device.empty()) a.device = torch::cuda::is_available() ? "cuda" : "cpu";
+  require(a.device == "cpu" || a.device == "cuda", "--device must be cpu or cuda, got '{}'", a.device);
+  require(a.device == "cpu" || torch::cuda::is_available(), "--device cuda: no CUDA device is visible (or this "
+          "LibTorch is CPU-only); use --device cpu");
+  require(!a.bf16 || a.device == "cuda", "--bf16 needs --device cuda (bf16 autocast is used on GPUs only)");
   require(a.num_threads >= 1, "--num-threads must be at least 1, got {}", a.num_threads);
   require(a.distributed_timeout_seconds > 0, "--distributed-timeout-seconds must be positive, got {}",
           a.distributed_timeout_seconds);

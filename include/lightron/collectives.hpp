@@ -6,19 +6,15 @@
 //     reduce-scatter from all-to-all; all-gather into one tensor from the list form);
 //   * turns a failed or timed-out call into one line naming the group, the operation and
 //     the ranks that stopped answering, and ends the process (exit 1) instead of hanging.
-// The LibTorch 1.13 / 2.x differences of c10d live in the "compat" block below, only there.
+// The LibTorch 1.13 / 2.x differences live in compat.hpp.
 // Introduced in tutorial stage 1 (with process_groups.hpp, which builds the groups).
 #pragma once
 
+#include "compat.hpp"
 #include "core.hpp"
 
-#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
-#include <torch/version.h>
 #include <fmt/ranges.h>  // fmt::join
-#if TORCH_VERSION_MAJOR >= 2
-#include <torch/csrc/distributed/c10d/Backend.hpp>
-#endif
 
 #include <chrono>
 #include <map>
@@ -26,13 +22,6 @@
 #include <vector>
 
 namespace lightron {
-
-// ---- compat: LibTorch 1.13 vs 2.x ---------------------------------------------------------
-#if TORCH_VERSION_MAJOR >= 2
-using BackendPtr = c10::intrusive_ptr<c10d::Backend>;  // Gloo/NCCL derive from Backend in 2.x
-#else
-using BackendPtr = c10::intrusive_ptr<c10d::ProcessGroup>;  // ... and from ProcessGroup in 1.13
-#endif
 
 // One communicator: a c10d backend plus who is in it.
 struct Group {

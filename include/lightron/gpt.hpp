@@ -12,6 +12,7 @@
 // Introduced in tutorial stage 0.
 #pragma once
 
+#include "compat.hpp"
 #include "core.hpp"
 
 #include <cmath>   // sqrt
@@ -163,6 +164,7 @@ inline torch::Tensor apply_rotary(const torch::Tensor& x, double base) {  // x: 
 
 // softmax(q kᵀ / sqrt(D) + causal mask) v, the softmax in fp32. q: (B, H, T, D), k/v: (B, H, T, D).
 inline torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  if (fused_attention_available(q)) return fused_causal_attention(q, k, v);  // CUDA, LibTorch 2.x
   const int64_t T = q.size(2);
   auto scores = torch::matmul(q.to(torch::kFloat), k.to(torch::kFloat).transpose(-2, -1)) /
                 std::sqrt(static_cast<double>(q.size(-1)));  // (B, H, T, T)

@@ -51,6 +51,7 @@ struct PipelineStage {
   std::shared_ptr<GPT> model;                // only this rank's parts remain
   std::vector<std::vector<int64_t>> chunks;  // global layer numbers of the chunks held here
   int64_t pp_rank = 0, pp_size = 1, num_virtual = 1;
+  bool bf16 = false;  // forward under bf16 autocast (CUDA)
   bool has_embedding() const { return pp_rank == 0; }         // in chunk 0
   bool has_head() const { return pp_rank == pp_size - 1; }    // in chunk v - 1
   int64_t global_chunk(int64_t c) const { return c * pp_size + pp_rank; }
@@ -59,11 +60,15 @@ struct PipelineStage {
 
   // Chunk c's blocks; the first chunk takes token ids (B, T), the others activations.
   torch::Tensor forward_chunk(int64_t c, const torch::Tensor& input) {
+    AutocastGuard autocast(bf16);
     auto x = is_first_chunk(c) ? model->embed(input) : input;  // (B, T, C)
     for (int64_t layer : chunks[c]) x = model->blocks[layer]->forward(x);
     return x;
   }
-  torch::Tensor loss(const torch::Tensor& x, const torch::Tensor& labels) { return model->loss_fn(model->logits(x), labels); }
+  torch::Tensor loss(const torch::Tensor& x, const torch::Tensor& labels) {
+    AutocastGuard autocast(bf16);
+    return model->loss_fn(model->logits(x), labels);
+  }
 };
 
 // Cuts `model` down to pipeline rank `pp_rank`'s chunks, in place.

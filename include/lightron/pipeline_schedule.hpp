@@ -119,7 +119,7 @@ class PipelineEngine {
     if (!train) no_grad.emplace();
     inputs_.assign(v, std::vector<torch::Tensor>(m));
     outputs_ = inputs_;
-    total_ = torch::zeros({}, torch::kDouble);
+    total_ = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(micro.at(0).tokens.device()));
     timeline.clear();
     in_flight_ = peak_in_flight = 0;
     barrier(g_.pp);
@@ -197,7 +197,8 @@ class PipelineEngine {
     const int64_t gc = stage_.global_chunk(a.chunk);
     torch::Tensor x = batch.tokens;
     if (!stage_.is_first_chunk(a.chunk)) {
-      auto shape = torch::empty({batch.tokens.size(0), batch.tokens.size(1) / seq_divisor_, hidden_});
+      auto shape = torch::empty({batch.tokens.size(0), batch.tokens.size(1) / seq_divisor_, hidden_},
+                                torch::TensorOptions().device(batch.tokens.device()));
       x = receive(shape, prev(), tag(a.micro_batch, gc, false), a).requires_grad_(train);
     }
     auto y = stage_.forward_chunk(a.chunk, x);

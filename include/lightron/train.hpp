@@ -9,6 +9,7 @@
 // Leaves out: loss scaling (fp16), other optimizers. Introduced in tutorial stage 0.
 #pragma once
 
+#include "compat.hpp"
 #include "core.hpp"
 
 #include <sys/resource.h>  // getrusage: peak memory on CPU
@@ -117,12 +118,12 @@ inline std::vector<std::pair<std::string, torch::Tensor>> named_parameters_of(to
   return out;
 }
 
-// Σ‖g‖² over the given gradients, in fp64 on the CPU (a scalar every rank can reduce).
+// Σ‖g‖² over the given gradients, in fp64 (one device-to-host copy at the end).
 inline double grad_sq_norm(const std::vector<torch::Tensor>& params) {
-  double sum = 0.0;
+  std::vector<torch::Tensor> parts;
   for (const auto& p : params)
-    if (p.grad().defined()) sum += p.grad().to(torch::kDouble).pow(2).sum().item<double>();
-  return sum;
+    if (p.grad().defined()) parts.push_back(p.grad().to(torch::kDouble).pow(2).sum());
+  return parts.empty() ? 0.0 : torch::stack(parts).sum().item<double>();
 }
 
 // Scales every gradient by min(1, max_norm / total_norm); returns total_norm unchanged.
@@ -141,8 +142,10 @@ inline double flops_per_token(int64_t num_params, int64_t num_layers, int64_t hi
   return 6.0 * double(num_params) + 12.0 * double(num_layers * hidden * seq);
 }
 
-// Peak resident memory of this process in MiB (CPU), from getrusage.
-inline double peak_memory_mib() {
+// Peak memory in MiB: allocated on the GPU for a CUDA device, else this process's peak
+// resident set (getrusage).
+inline double peak_memory_mib(const torch::Device& device = torch::kCPU) {
+  if (device.is_cuda()) return double(cuda_peak_bytes(device)) / (1024.0 * 1024.0);
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
   return double(usage.ru_maxrss) / 1024.0;

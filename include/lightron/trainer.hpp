@@ -27,6 +27,8 @@ struct ParallelOptions {
   bool sequence_parallel = false;
   std::string pipeline_schedule = "1f1b";  // 1f1b | afab
   int64_t layers_per_virtual_stage = 0;    // > 0: interleaved 1f1b
+  torch::Device device = torch::kCPU;      // cuda: NCCL groups, this rank's GPU
+  bool bf16 = false;                       // bf16 compute, fp32 master weights, grads and Adam
 };
 
 class Trainer {
@@ -41,6 +43,8 @@ class Trainer {
     tp_info = apply_tensor_parallel(*model, groups.tp, options.sequence_parallel);
     stage = apply_pipeline_parallel(model, groups.coords.pp, l.pp,
                                     virtual_stages(model_config.num_layers, l.pp, options.layers_per_virtual_stage));
+    stage.bf16 = options.bf16;
+    model->to(options.device);  // after sharding: each rank moves only its part
     engine = std::make_unique<PipelineEngine>(stage, groups, model_config.hidden_size,
                                               options.sequence_parallel ? l.tp : 1);
     named_params = named_parameters_of(*model);
@@ -60,7 +64,7 @@ class Trainer {
   // averaged over the whole global batch (the same number on every rank).
   double step(const std::vector<Batch>& micro_batches, int64_t iteration) {
     optimizer->zero_grad();
-    auto loss = forward_backward(micro_batches);
+    auto loss = forward_backward(to_device(micro_batches));
     if (ddp) ddp->finish();
     else if (groups_.dp.size > 1) all_reduce_gradients(params, groups_.dp);
     for (auto& p : tp_info.sequence_parallel_params) all_reduce(groups_.tp, p.grad());
@@ -73,12 +77,14 @@ class Trainer {
   }
 
   // Mean loss over the micro-batches, no gradients (the same number on every rank).
-  double evaluate(const std::vector<Batch>& micro_batches) {
+  double evaluate(const std::vector<Batch>& cpu_batches) {
     torch::NoGradGuard no_grad;
-    torch::Tensor total = torch::zeros({}, torch::kDouble);
+    const auto micro_batches = to_device(cpu_batches);
+    torch::Tensor total = scalar();
     if (groups_.layout.pp > 1) {
       total = engine->run(micro_batches, "afab", /*train=*/false);
     } else {
+      AutocastGuard autocast(options_.bf16);
       for (const auto& b : micro_batches) total += model->loss(b.tokens, b.labels).to(torch::kDouble);
       total /= double(micro_batches.size());
     }
@@ -90,6 +96,7 @@ class Trainer {
   // activation passes stage by stage; the last stage gathers the vocabulary and broadcasts.
   torch::Tensor forward_logits(torch::Tensor ids) {
     torch::NoGradGuard no_grad;
+    ids = ids.to(options_.device);
     const int64_t t = ids.size(1), tp = groups_.layout.tp, p = stage.pp_size;
     const int64_t pad = options_.sequence_parallel ? (tp - t % tp) % tp : 0;  // T must split over tp
     if (pad > 0) ids = torch::cat({torch::zeros({1, pad}, ids.options()), ids}, 1);
@@ -97,17 +104,21 @@ class Trainer {
     for (int64_t gc = 0; gc < p * stage.num_virtual; ++gc) {
       if (gc % p != stage.pp_rank) continue;
       if (gc > 0) {
-        auto in = torch::empty({1, ids.size(1) / (options_.sequence_parallel ? tp : 1), model->config.hidden_size});
+        auto in = torch::empty({1, ids.size(1) / (options_.sequence_parallel ? tp : 1), model->config.hidden_size},
+                               torch::TensorOptions().device(options_.device));
         recv_async(groups_.pp, in, int((gc - 1) % p), int(gc)).wait();
         x = in;
       }
       x = stage.forward_chunk(gc / p, x);
       if (gc + 1 < p * stage.num_virtual) send_async(groups_.pp, x.contiguous(), int((gc + 1) % p), int(gc + 1)).wait();
     }
-    auto logits = torch::empty({1, ids.size(1), model->config.vocab_size});
-    if (stage.has_head()) logits = all_gather(groups_.tp, model->logits(x), 2);
+    auto logits = torch::empty({1, ids.size(1), model->config.vocab_size}, torch::TensorOptions().device(options_.device));
+    if (stage.has_head()) {
+      AutocastGuard autocast(options_.bf16);
+      logits = all_gather(groups_.tp, model->logits(x).to(torch::kFloat), 2);
+    }
     broadcast(groups_.pp, logits, int(p - 1));
-    return logits.narrow(1, pad, t);
+    return logits.narrow(1, pad, t).cpu();
   }
 
   // Every parameter as the single-device model holds it, on every rank (a collective):
@@ -172,10 +183,20 @@ class Trainer {
       const bool tied_copy = name == "wte.weight" && !stage.has_embedding();
       if (!replicated && !tied_copy) counted.push_back(p);
     }
-    auto sq = torch::tensor(grad_sq_norm(counted), torch::kDouble);
+    auto sq = scalar(grad_sq_norm(counted));
     all_reduce(groups_.tp, sq);
     all_reduce(groups_.pp, sq);
     return std::sqrt(sq.item<double>());
+  }
+
+  // A double on this rank's device (NCCL reduces device tensors only).
+  torch::Tensor scalar(double value = 0) const {
+    return torch::full({}, value, torch::TensorOptions().dtype(torch::kDouble).device(options_.device));
+  }
+  std::vector<Batch> to_device(const std::vector<Batch>& batches) const {
+    std::vector<Batch> out;
+    for (const auto& b : batches) out.push_back({b.tokens.to(options_.device), b.labels.to(options_.device)});
+    return out;
   }
 
   torch::Tensor forward_backward(const std::vector<Batch>& micro_batches) {
@@ -183,11 +204,15 @@ class Trainer {
       if (ddp) ddp->set_sync(false);  // buckets are all-reduced in finish(), after the last backward
       return engine->run(micro_batches, options_.pipeline_schedule, /*train=*/true);
     }
-    auto total = torch::zeros({}, torch::kDouble);
+    auto total = scalar();
     const double n = double(micro_batches.size());
     for (size_t i = 0; i < micro_batches.size(); ++i) {
       if (ddp) ddp->set_sync(i + 1 == micro_batches.size());  // communicate after the last only
-      auto loss = model->loss(micro_batches[i].tokens, micro_batches[i].labels) / n;
+      torch::Tensor loss;
+      {
+        AutocastGuard autocast(options_.bf16);  // forward only, as torch.autocast
+        loss = model->loss(micro_batches[i].tokens, micro_batches[i].labels) / n;
+      }
       loss.backward();
       total += loss.detach().to(torch::kDouble);
     }

@@ -1,0 +1,94 @@
+// lightron/compat.hpp — the few differences between LibTorch 1.13 (Debian, CPU) and 2.x
+// (pip, CUDA), in one place: the c10d backend base class, fused attention, autocast, and
+// CUDA memory statistics. Everything else is written once for both.
+#pragma once
+
+#include <torch/torch.h>
+#include <torch/version.h>
+
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#if TORCH_VERSION_MAJOR >= 2
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#endif
+#if defined(LIGHTRON_WITH_CUDA) && __has_include(<c10/cuda/CUDACachingAllocator.h>)
+#include <c10/cuda/CUDACachingAllocator.h>
+#define LIGHTRON_CUDA_MEMORY_STATS 1
+#endif
+
+#include <ATen/autocast_mode.h>
+
+namespace lightron {
+
+#if TORCH_VERSION_MAJOR >= 2
+using BackendPtr = c10::intrusive_ptr<c10d::Backend>;  // Gloo/NCCL derive from Backend in 2.x
+#else
+using BackendPtr = c10::intrusive_ptr<c10d::ProcessGroup>;  // ... and from ProcessGroup in 1.13
+#endif
+
+// Fused causal attention (flash / memory-efficient kernels) exists from 2.0 on.
+inline bool fused_attention_available(const torch::Tensor& q) {
+#if TORCH_VERSION_MAJOR >= 2
+  return q.is_cuda();
+#else
+  (void)q;
+  return false;
+#endif
+}
+
+inline torch::Tensor fused_causal_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+#if TORCH_VERSION_MAJOR >= 2
+  return at::scaled_dot_product_attention(q, k, v, {}, /*dropout_p=*/0.0, /*is_causal=*/true);
+#else
+  (void)k, (void)v;
+  TORCH_CHECK(false, "fused attention needs LibTorch 2.x");
+  return q;
+#endif
+}
+
+// bf16 autocast on CUDA for the lifetime of the guard: matrix products in bf16, weights
+// stay fp32 (the master copy), and the cast-weight cache is cleared when the outermost
+// guard ends (as Python's `with torch.autocast(...)` does), so the next step casts afresh.
+class AutocastGuard {
+ public:
+  explicit AutocastGuard(bool enabled) : enabled_(enabled) {
+    if (!enabled_) return;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    previous_ = at::autocast::is_autocast_enabled(at::kCUDA);
+    at::autocast::set_autocast_enabled(at::kCUDA, true);
+    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+#else
+    previous_ = at::autocast::is_enabled();
+    at::autocast::set_enabled(true);
+    at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
+#endif
+    at::autocast::increment_nesting();
+  }
+  ~AutocastGuard() {
+    if (!enabled_) return;
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    at::autocast::set_autocast_enabled(at::kCUDA, previous_);
+#else
+    at::autocast::set_enabled(previous_);
+#endif
+  }
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  bool enabled_, previous_ = false;
+};
+
+// Peak bytes allocated on a CUDA device (0 when this build has no CUDA statistics).
+inline int64_t cuda_peak_bytes(const torch::Device& device) {
+#ifdef LIGHTRON_CUDA_MEMORY_STATS
+  if (!device.is_cuda()) return 0;
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index() < 0 ? 0 : device.index());
+  return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
+#else
+  (void)device;
+  return 0;
+#endif
+}
+
+}  // namespace lightron
