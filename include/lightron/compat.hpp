@@ -84,7 +84,7 @@ inline int64_t cuda_peak_bytes(const torch::Device& device) {
 #ifdef LIGHTRON_CUDA_MEMORY_STATS
   if (!device.is_cuda()) return 0;
   const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index() < 0 ? 0 : device.index());
-  return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
+  return stats.allocated_bytes[/*StatType::AGGREGATE=*/0].peak;
 #else
   (void)device;
   return 0;

@@ -17,10 +17,14 @@
 
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
-#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
-#ifdef USE_C10D_NCCL
+#if defined(USE_C10D_GLOO) && __has_include(<gloo/algorithm.h>)  // Debian: libgloo-dev
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#define LIGHTRON_HAVE_GLOO 1
+#endif
+#if defined(USE_C10D_NCCL) && __has_include(<nccl.h>)
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#define LIGHTRON_HAVE_NCCL 1
 #endif
 
 #include <atomic>
@@ -91,19 +95,23 @@ struct GroupOptions {
 inline BackendPtr make_backend(const c10::intrusive_ptr<c10d::Store>& store, const std::string& prefix, int rank,
                                int size, const GroupOptions& opt) {
   auto prefixed = c10::make_intrusive<c10d::PrefixStore>(prefix, store);
-#ifdef USE_C10D_NCCL
+#ifdef LIGHTRON_HAVE_NCCL
   if (opt.cuda) {
     auto nccl = c10d::ProcessGroupNCCL::Options::create();
     nccl->timeout = opt.timeout;
     return c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, size, nccl);
   }
-#else
-  require(!opt.cuda, "--device cuda needs a LibTorch built with NCCL; this one has none");
 #endif
+  require(!opt.cuda, "--device cuda with several ranks needs NCCL (nccl.h and a LibTorch built with it)");
+#ifdef LIGHTRON_HAVE_GLOO
   auto gloo = c10d::ProcessGroupGloo::Options::create(opt.timeout);
   const char* addr = std::getenv("MASTER_ADDR");
   gloo->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(addr ? addr : "127.0.0.1"));
   return c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, gloo);
+#else
+  (void)prefixed;
+  throw UsageError("several CPU ranks need Gloo: install libgloo-dev (its headers) and use a LibTorch built with it");
+#endif
 }
 
 struct ProcessGroups {
