@@ -46,6 +46,6 @@ TEST_SUITE("cuda") {
       CHECK_MESSAGE(std::abs(fp32.losses[i] - bf16.losses[i]) <= 2e-2 * fp32.losses[i],
                     "step " << i + 1 << ": bf16 " << bf16.losses[i] << " vs fp32 " << fp32.losses[i]);
     CHECK(bf16.losses.back() < bf16.losses.front());
-    for (auto& [name, p] : bf16.params) CHECK_MESSAGE(p.scalar_type() == torch::kFloat, name);  // fp32 masters
+    for (auto& [name, p] : bf16.params) CHECK_MESSAGE((p.scalar_type() == torch::kFloat), name);  // fp32 masters
   }
 }
