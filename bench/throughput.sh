@@ -64,6 +64,7 @@ done
 
 # The table: tokens/s over the timed steps (B·T·steps / their total time), MFU = achieved
 # model FLOP/s (6N + 12·L·C·T per token, N from the Python model) / measured GEMM peak.
+# "best step" is the fastest timed step: on a shared machine it is the steadier number.
 "$python" - "$out" "$have_cpp" "${configs[@]}" <<'EOF'
 import json, sys
 out, have_cpp, configs = sys.argv[1], sys.argv[2] == "1", sys.argv[3:]
@@ -71,23 +72,27 @@ peak = json.load(open(f"{out}/gemm_peak.json"))
 peak_flops = peak["gflops"] * 1e9
 print(f"\nGEMM peak: {peak['gflops']:.1f} GFLOP/s (fp32, {peak['threads']} threads, best of "
       f"{peak['repeats']} {peak['n']}^3 products; median {peak['gflops_median']:.1f})")
-print(f"{'config':<7} {'impl':<9} {'tokens/s':>10} {'ms/iter':>9} {'GFLOP/s':>9} {'MFU':>7}")
+print(f"{'config':<7} {'impl':<9} {'tokens/s':>10} {'ms/iter':>9} {'GFLOP/s':>9} {'MFU':>7}"
+      f"   {'best step: tokens/s':>19} {'MFU':>7}")
 for cfg in configs:
     py = json.loads(open(f"{out}/pytorch_{cfg}.json").read().strip().splitlines()[-1])
     fpt, warmup = py["flops_per_token"], py["warmup"]
-    rows = {"pytorch": (py["tokens_per_s"], py["ms_per_iter"])}
+    rows = {"pytorch": (py["tokens_per_iter"], py["ms_per_iter"], py["ms_per_iter_min"])}
     if have_cpp:
         lines = [json.loads(l) for l in open(f"{out}/cpp_{cfg}.jsonl") if l.strip()]
         timed = sorted(lines, key=lambda l: l["iteration"])[warmup:]
         if not timed:
             sys.exit(f"throughput.sh: {out}/cpp_{cfg}.jsonl has no line after the {warmup} warm-up steps")
         ms = sum(l["ms_per_iter"] for l in timed) / len(timed)
-        rows = {"lightron": (py["tokens_per_iter"] * 1000 / ms, ms), **rows}
-    for impl, (tps, ms) in rows.items():
-        flops = tps * fpt
-        print(f"{cfg:<7} {impl:<9} {tps:10.1f} {ms:9.1f} {flops / 1e9:9.1f} {100 * flops / peak_flops:6.1f}%")
+        best = min(l["ms_per_iter"] for l in timed)
+        rows = {"lightron": (py["tokens_per_iter"], ms, best), **rows}
+    for impl, (tokens, ms, best) in rows.items():
+        tps, best_tps = tokens * 1000 / ms, tokens * 1000 / best
+        print(f"{cfg:<7} {impl:<9} {tps:10.1f} {ms:9.1f} {tps * fpt / 1e9:9.1f} {100 * tps * fpt / peak_flops:6.1f}%"
+              f"   {best_tps:19.1f} {100 * best_tps * fpt / peak_flops:6.1f}%")
     if have_cpp:
-        print(f"{cfg:<7} C++/Python tokens/s ratio: {rows['lightron'][0] / rows['pytorch'][0]:.2f}")
+        (_, cpp_ms, cpp_best), (_, py_ms, py_best) = rows["lightron"], rows["pytorch"]
+        print(f"{cfg:<7} C++/Python tokens/s ratio: {py_ms / cpp_ms:.2f} (best steps: {py_best / cpp_best:.2f})")
 if not have_cpp:
     print("lightron C++: not measured (pretrain_gpt missing)")
     sys.exit(1)

@@ -109,14 +109,15 @@ int main(int argc, char** argv) {
                         int(groups->coords.dp), int(a.layout.dp), a.train.seed);
     int64_t first_iteration = 1;
     if (!a.load.empty()) {
-      const auto counters = trainer.load(a.load);
+      const auto counters = trainer.load(a.load, {a.finetune, a.no_load_optim, a.no_load_rng});
       first_iteration = counters.iteration + 1;
       sampler.consumed_samples = counters.consumed_samples;
       print0("resumed from {} at iteration {} ({} samples consumed)\n", a.load, counters.iteration,
              counters.consumed_samples);
     }
+    int64_t saved_at = first_iteration - 1;  // the last iteration on disk: no second save of it
 
-    MetricsLog metrics(a.metrics_file);
+    MetricsLog metrics(a.metrics_file, a.tensorboard_dir);
     RankFile timeline(a.layout.pp > 1 ? a.timeline_file : "", "--timeline-file", groups->rank);
     RankFile comm(a.comm_file, "--comm-file", groups->rank);
     const double flops = flops_per_token(num_params, a.model.num_layers, a.model.hidden_size, a.model.seq_length);
@@ -166,10 +167,12 @@ int main(int argc, char** argv) {
         metrics.log_eval(it, sum / double(std::max<int64_t>(1, a.train.eval_iters)));
         interval.reset();
       }
-      if (!a.save.empty() && a.save_interval > 0 && it % a.save_interval == 0)
+      if (!a.save.empty() && a.save_interval > 0 && it % a.save_interval == 0) {
         trainer.save(a.save, {it, sampler.consumed_samples});
+        saved_at = it;
+      }
     }
-    if (!a.save.empty()) trainer.save(a.save, {a.train.train_iters, sampler.consumed_samples});
+    if (!a.save.empty() && saved_at < a.train.train_iters) trainer.save(a.save, {a.train.train_iters, sampler.consumed_samples});
     print_samples(a, trainer);
     barrier(groups->world);
     return 0;

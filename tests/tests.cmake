@@ -20,3 +20,23 @@ lightron_mpi_test(mpi_pp_dp_np4 4 ${T} --test-suite=mpi_pp_dp)
 lightron_mpi_test(mpi_3d_np8 8 ${T} --test-suite=mpi_3d)
 
 add_test(NAME failure COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/failure_test.sh ${PROJECT_BINARY_DIR})
+
+# Stage 5, checkpoints: resharding and in-process resume (np 8 and 4); resume in new
+# processes, a crash mid-save and damaged files (script); HuggingFace export checked in Python.
+lightron_mpi_test(mpi_ckpt_np8 8 ${T} --test-suite=mpi_ckpt_np8)
+lightron_mpi_test(mpi_ckpt_np4 4 ${T} --test-suite=mpi_ckpt_np4)
+add_test(NAME checkpoint COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/checkpoint_test.sh ${PROJECT_BINARY_DIR})
+add_test(NAME hf_check COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/hf_check.py
+         --build ${PROJECT_BINARY_DIR} --workdir ${CMAKE_CURRENT_BINARY_DIR}/hf_check --port 29995)
+
+# Tools around the library: TensorBoard event files read back by an independent reader, a
+# consumer project (installed + find_package, and add_subdirectory), the tutorials' commands.
+add_test(NAME tensorboard COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/tensorboard_check.py --build ${PROJECT_BINARY_DIR})
+add_test(NAME consumer COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/consumer/../consumer_test.sh ${PROJECT_SOURCE_DIR} ${CMAKE_CURRENT_BINARY_DIR}/consumer_work)
+add_test(NAME tutorials COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/tutorial_commands.py --root ${PROJECT_SOURCE_DIR})
+set_tests_properties(tutorials PROPERTIES RUN_SERIAL ON)
+
+# The course notebooks (notebooks/*.ipynb), executed headlessly: each asserts what it plots and
+# writes its figures to notebooks/figures/. Serial: they launch up to 8 ranks at a time.
+add_test(NAME notebooks COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/run_notebooks.py --root ${PROJECT_SOURCE_DIR})
+set_tests_properties(notebooks PROPERTIES RUN_SERIAL ON)

@@ -31,6 +31,7 @@ struct Arguments {
   int64_t mock_samples = 1 << 16;
   std::string save, load, metrics_file, comm_file;
   int64_t save_interval = 0;
+  bool finetune = false, no_load_optim = false, no_load_rng = false;  // what --load restores
   int num_threads = 1;
   double peak_tflops = 0;             // 0: 0.1 TFLOP/s per CPU thread (measured GEMM peak)
   double distributed_timeout_seconds = 60;
@@ -41,6 +42,7 @@ struct Arguments {
   std::string pipeline_schedule = "1f1b";
   int64_t num_layers_per_virtual_pipeline_stage = 0;
   std::string timeline_file;
+  std::string tensorboard_dir;        // rank 0's TensorBoard event file; empty: none
   bool dry_run = false;
   std::string device;  // cpu | cuda; empty: cuda when available
   bool bf16 = false;
@@ -123,8 +125,12 @@ inline Arguments parse_arguments(int argc, char** argv, const std::string& descr
   app.add_option("--tokenizer-model", a.tokenizer_model, "SentencePiece .model (its .vocab is next to it)");
   app.add_option("--save", a.save, "checkpoint directory to write");
   app.add_option("--save-interval", a.save_interval, "0: only at the end");
-  app.add_option("--load", a.load, "checkpoint directory to resume from");
+  app.add_option("--load", a.load, "checkpoint directory to resume from (any layout)");
+  app.add_flag("--finetune", a.finetune, "--load weights only; iteration and samples start from 0");
+  app.add_flag("--no-load-optim", a.no_load_optim, "--load without the AdamW state");
+  app.add_flag("--no-load-rng", a.no_load_rng, "--load without the RNG state");
   app.add_option("--metrics-file", a.metrics_file, "JSON lines of the logged metrics");
+  app.add_option("--tensorboard-dir", a.tensorboard_dir, "TensorBoard scalars of the logged metrics and eval loss");
   app.add_option("--comm-file", a.comm_file, "JSON lines of bytes/calls per group and operation, PATH.rankN");
   app.add_option("--num-threads", a.num_threads, "threads per rank");
   app.add_option("--peak-tflops", a.peak_tflops, "per-rank peak for MFU");
@@ -179,6 +185,9 @@ inline void validate_arguments(Arguments& a, int64_t world_size) {
           "LibTorch is CPU-only); use --device cpu");
   require(!a.bf16 || a.device == "cuda", "--bf16 needs --device cuda (bf16 autocast is used on GPUs only)");
   require(a.num_threads >= 1, "--num-threads must be at least 1, got {}", a.num_threads);
+  require(a.save_interval >= 0, "--save-interval must not be negative, got {}", a.save_interval);
+  require(!a.load.empty() || !(a.finetune || a.no_load_optim || a.no_load_rng),
+          "--finetune, --no-load-optim and --no-load-rng need --load DIR");
   require(a.distributed_timeout_seconds > 0, "--distributed-timeout-seconds must be positive, got {}",
           a.distributed_timeout_seconds);
   require(a.ddp_impl == "naive" || a.ddp_impl == "bucketed", "--ddp-impl must be naive or bucketed, got '{}'",

@@ -1,14 +1,25 @@
-// lightron/checkpoint.hpp — saving and resuming a run with the same layout: each rank
-// writes its parameters, AdamW moments and counters to one file, under a temporary name
-// that is renamed when complete, so a crash never leaves a half-written file under the
-// real name. (Resharding to another layout and HuggingFace export are later steps.)
-// Introduced in tutorial stage 0.
+// lightron/checkpoint.hpp — sharded checkpoints that any layout can load:
+//   <save>/iter_0000010/rank_00003.safetensors  each rank of dp rank 0: its shards of the
+//        parameters and AdamW moments (exp_avg.<name>, exp_avg_sq.<name>); for each, the
+//        global shape and where its rows sit in the full tensor (safetensors.hpp);
+//   <save>/iter_0000010/manifest.json  config, layout, iteration, consumed samples, the
+//        learning-rate schedule, AdamW's step, the RNG state, every file's size and CRC-32;
+//   <save>/latest.json  {"iteration": 10, "directory": "iter_0000010"}.
+// A save is atomic. The directory is iter_0000010.tmp while ranks write (each file under a
+// temporary name, renamed when complete); after a barrier rank 0 writes the manifest, renames
+// the directory, and writes latest.json last. A crash leaves at worst a *.tmp directory,
+// which loading skips, and says so. Reading it back, under any layout: checkpoint_load.hpp.
+// Leaves out: asynchronous saving, ZeRO-sharded optimizer state. Tutorial stage 5.
 #pragma once
 
+#include "process_groups.hpp"
+#include "safetensors.hpp"
+#include "tp_model.hpp"
 #include "train.hpp"
 
-#include <filesystem>
-#include <fstream>
+#include <ATen/CPUGeneratorImpl.h>  // getDefaultCPUGenerator
+
+#include <algorithm>  // replace
 
 namespace lightron {
 
@@ -16,47 +27,216 @@ struct CheckpointCounters {
   int64_t iteration = 0, consumed_samples = 0;
 };
 
-inline std::string rank_checkpoint_path(const std::string& dir, int rank) { return fmt::format("{}/rank_{:05d}.pt", dir, rank); }
+// What --load restores besides the weights (Megatron-LM's flags).
+struct LoadOptions {
+  bool finetune = false;       // weights only: iteration and samples start from 0, fresh AdamW
+  bool no_load_optim = false;  // fresh AdamW moments and step
+  bool no_load_rng = false;    // keep this run's random state
+};
 
-inline void save_rank_checkpoint(const std::string& dir, int rank, const AdamW& optimizer, CheckpointCounters counters) {
-  std::filesystem::create_directories(dir);
-  c10::Dict<std::string, torch::Tensor> state;
-  for (const auto& s : optimizer.slots) {
-    state.insert("param." + s.name, s.param.detach());
-    state.insert("exp_avg." + s.name, s.exp_avg);
-    state.insert("exp_avg_sq." + s.name, s.exp_avg_sq);
-  }
-  state.insert("iteration", torch::tensor(counters.iteration));
-  state.insert("consumed_samples", torch::tensor(counters.consumed_samples));
-  state.insert("adam_step", torch::tensor(optimizer.step_count));
-  const auto bytes = torch::pickle_save(state);
-  const std::string path = rank_checkpoint_path(dir, rank);
-  std::ofstream(path + ".tmp", std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  std::filesystem::rename(path + ".tmp", path);
+// Written into every manifest; a reader refuses anything else.
+constexpr const char* kCheckpointFormat = "lightron-checkpoint-1";
+
+inline std::string iteration_dir(const std::string& dir, int64_t iteration) {
+  return fmt::format("{}/iter_{:07d}", dir, iteration);
+}
+inline std::string rank_file_name(int64_t rank) { return fmt::format("rank_{:05d}.safetensors", rank); }
+
+// ---- the manifest ----------------------------------------------------------------------
+
+// Every GPTConfig field and its name: one list for writing and for reading.
+template <typename Config, typename F>
+inline void for_each_config_field(Config& c, F&& f) {
+  f("num_layers", c.num_layers), f("hidden_size", c.hidden_size), f("ffn_hidden_size", c.ffn_hidden_size);
+  f("num_attention_heads", c.num_attention_heads), f("num_query_groups", c.num_query_groups);
+  f("seq_length", c.seq_length), f("max_position_embeddings", c.max_position_embeddings);
+  f("vocab_size", c.vocab_size), f("normalization", c.normalization);
+  f("position_embedding_type", c.position_embedding_type), f("swiglu", c.swiglu);
+  f("untie_embeddings_and_output_weights", c.untie_embeddings_and_output_weights);
+  f("add_bias_linear", c.add_bias_linear), f("init_method_std", c.init_method_std);
+  f("rotary_base", c.rotary_base), f("norm_epsilon", c.norm_epsilon);
+}
+inline nlohmann::json config_to_json(const GPTConfig& c) {
+  nlohmann::json j;
+  for_each_config_field(c, [&](const char* key, const auto& value) { j[key] = value; });
+  return j;
+}
+inline GPTConfig config_from_json(const nlohmann::json& j) {
+  GPTConfig c;
+  for_each_config_field(c, [&](const char* key, auto& value) {
+    if (j.contains(key)) j.at(key).get_to(value);
+  });
+  return c;
 }
 
-// Restores parameters and optimizer state in place; refuses a different model shape.
-inline CheckpointCounters load_rank_checkpoint(const std::string& dir, int rank, AdamW& optimizer) {
-  const std::string path = rank_checkpoint_path(dir, rank);
-  std::ifstream in(path, std::ios::binary);
-  require(in.good(), "--load: {} not found (was it saved with the same number of ranks and layout?)", path);
-  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  auto state = torch::pickle_load(bytes).toGenericDict();
-  auto get = [&](const std::string& key) {
-    require(state.contains(key), "--load: {} has no '{}' (saved with a different model or layout?)", path, key);
-    return state.at(key).toTensor();
+// Refuses another model: one line naming the field and both values. seq_length and the
+// init std do not shape the weights; "0 = derived" fields compare by what they stand for.
+inline void check_same_model(const GPTConfig& saved, const GPTConfig& now, const std::string& where) {
+  auto shape_of = [](GPTConfig c) {
+    c.ffn_hidden_size = c.ffn(), c.num_query_groups = c.query_groups(), c.max_position_embeddings = c.max_positions();
+    c.seq_length = 0, c.init_method_std = 0;
+    return config_to_json(c);
   };
-  torch::NoGradGuard no_grad;
-  for (auto& s : optimizer.slots) {
-    auto saved = get("param." + s.name);
-    require(saved.sizes() == s.param.sizes(), "--load: {} is {} in {}, but {} in this model", s.name,
-            fmt::join(saved.sizes(), "x"), path, fmt::join(s.param.sizes(), "x"));
-    s.param.copy_(saved);
-    s.exp_avg.copy_(get("exp_avg." + s.name));
-    s.exp_avg_sq.copy_(get("exp_avg_sq." + s.name));
+  const auto a = shape_of(saved), b = shape_of(now);
+  for_each_config_field(saved, [&](const std::string& key, const auto&) {  // in the order of the flags
+    const auto& value = a.at(key);
+    if (b.at(key) == value) return;
+    std::string flag = key;
+    std::replace(flag.begin(), flag.end(), '_', '-');
+    throw UsageError(fmt::format(
+        "--load {}: the checkpoint's model has {} {}, this run has {} {}; a different model shape cannot be loaded: "
+        "pass the flags it was saved with (its manifest.json lists them){}", where, flag, value.dump(), flag,
+        b.at(key).dump(), key == "vocab_size" ? " (the vocabulary is padded to a multiple of "
+                                                "--make-vocab-size-divisible-by x tp: choose one that gives the same size)" : ""));
+  });
+}
+
+// The default CPU generator's state (torch::manual_seed, randn, dropout) as hex.
+inline std::string rng_state_hex() {
+  at::Generator gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  const auto state = gen.get_state();
+  std::string hex;
+  for (int64_t i = 0; i < state.numel(); ++i) hex += fmt::format("{:02x}", state.data_ptr<uint8_t>()[i]);
+  return hex;
+}
+inline void set_rng_state_hex(const std::string& hex) {
+  auto state = torch::empty({int64_t(hex.size() / 2)}, torch::kByte);
+  for (int64_t i = 0; i < state.numel(); ++i) state.data_ptr<uint8_t>()[i] = uint8_t(std::stoi(hex.substr(2 * i, 2), nullptr, 16));
+  at::Generator gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
+
+// The TrainConfig fields that shape lr_at(): the scheduler's whole state besides the iteration.
+inline nlohmann::json schedule_to_json(const TrainConfig& t) {
+  return {{"lr", t.lr}, {"min_lr", t.min_lr}, {"lr_decay_style", t.lr_decay_style},
+          {"lr_warmup_iters", t.lr_warmup_iters}, {"lr_decay_iters", t.lr_decay_iters > 0 ? t.lr_decay_iters : t.train_iters}};
+}
+
+// ---- writing ---------------------------------------------------------------------------
+
+// A rank's part of one tensor: with spec.dim >= 0, the rows tp_rank holds of every block
+// (tp_shard_spec); otherwise `local` is the whole tensor.
+struct ShardedTensor {
+  std::string name;
+  torch::Tensor local;
+  ShardSpec spec;
+  int64_t tp_rank = 0, tp_size = 1;
+};
+
+// Stored next to each tensor: {"global_shape": [...], "dim": d, "pieces": [[global start,
+// local start, length], ...]}, one piece per block; no dim: the tensor is whole.
+inline nlohmann::json shard_metadata(const ShardedTensor& s) {
+  auto global = s.local.sizes().vec();
+  nlohmann::json meta;
+  if (s.spec.dim >= 0) {
+    int64_t g = 0, l = 0;
+    for (int64_t block : s.spec.blocks) {
+      const int64_t part = block / s.tp_size;
+      meta["pieces"].push_back({g + s.tp_rank * part, l, part});
+      g += block, l += part;
+    }
+    global[s.spec.dim] = g;
+    meta["dim"] = s.spec.dim;
   }
-  optimizer.step_count = get("adam_step").item<int64_t>();
-  return {get("iteration").item<int64_t>(), get("consumed_samples").item<int64_t>()};
+  meta["global_shape"] = global;
+  return meta;
+}
+
+// This rank's share: parameters and moments, each stored once across the grid: dp (and cp)
+// ranks > 0 hold replicas, replicated parameters come from tp rank 0, and wte from the first
+// stage (the last stage's tied copy is the same tensor, bit for bit).
+inline std::vector<ShardedTensor> checkpoint_shards(const AdamW& optimizer, const GPTConfig& c, const ProcessGroups& g) {
+  std::vector<ShardedTensor> out;
+  if (g.coords.dp != 0 || g.coords.cp != 0) return out;
+  for (const auto& s : optimizer.slots) {
+    const ShardSpec spec = g.layout.tp > 1 ? tp_shard_spec(s.name, c) : ShardSpec{};
+    if ((spec.dim < 0 && g.coords.tp != 0) || (s.name == "wte.weight" && g.coords.pp != 0)) continue;
+    out.push_back({s.name, s.param.detach(), spec, g.coords.tp, g.layout.tp});
+    out.push_back({"exp_avg." + s.name, s.exp_avg, spec, g.coords.tp, g.layout.tp});
+    out.push_back({"exp_avg_sq." + s.name, s.exp_avg_sq, spec, g.coords.tp, g.layout.tp});
+  }
+  return out;
+}
+
+// Fault injection for tests/checkpoint_test.sh: LIGHTRON_TEST_CRASH_IN_SAVE=<rank> makes that
+// rank die halfway through writing its file, as a crash or `kill -9` would.
+inline void crash_here_if_testing(const std::string& path, const std::string& bytes, int64_t rank) {
+  const char* victim = std::getenv("LIGHTRON_TEST_CRASH_IN_SAVE");
+  if (victim == nullptr || std::atoll(victim) != rank) return;
+  std::ofstream(path + ".tmp", std::ios::binary).write(bytes.data(), std::streamsize(bytes.size() / 2));
+  fmt::print(stderr, "LIGHTRON_TEST_CRASH_IN_SAVE: rank {} dies halfway through writing {}\n", rank, path);
+  std::fflush(stderr);
+  std::_Exit(3);
+}
+
+// One checkpoint, collectively over `world`: every rank writes its shards (maybe none), then
+// rank 0 completes `manifest` with the files' sizes and CRC-32s and commits the directory.
+inline void write_checkpoint(const std::string& dir, int64_t iteration, nlohmann::json manifest,
+                             const std::vector<ShardedTensor>& mine, const Group& world, torch::Device device) {
+  namespace fs = std::filesystem;
+  const std::string final_dir = iteration_dir(dir, iteration), staging = final_dir + ".tmp";
+  if (world.rank == 0) {
+    fs::remove_all(staging);
+    fs::create_directories(staging);
+  }
+  barrier(world);
+  auto files = torch::zeros({world.size, 2}, torch::kLong);  // (bytes, CRC-32) per rank; 0 bytes: no file
+  if (!mine.empty()) {
+    NamedTensors tensors;
+    std::map<std::string, std::string> metadata;
+    for (const auto& s : mine) tensors.emplace_back(s.name, s.local), metadata[s.name] = shard_metadata(s).dump();
+    const std::string bytes = safetensors_bytes(tensors, metadata), path = staging + "/" + rank_file_name(world.rank);
+    crash_here_if_testing(path, bytes, world.rank);
+    write_file_atomically(path, bytes);
+    files[world.rank][0] = int64_t(bytes.size());
+    files[world.rank][1] = int64_t(crc32(bytes.data(), bytes.size()));
+  }
+  files = files.to(device);
+  all_reduce(world, files);  // every rank has finished writing once this returns
+  files = files.cpu();
+  if (world.rank == 0) {
+    manifest["iteration"] = iteration;
+    manifest["files"] = nlohmann::json::object();
+    for (int64_t r = 0; r < world.size; ++r)
+      if (files[r][0].item<int64_t>() > 0)
+        manifest["files"][rank_file_name(r)] = {{"bytes", files[r][0].item<int64_t>()}, {"crc32", files[r][1].item<int64_t>()}};
+    write_file_atomically(staging + "/manifest.json", manifest.dump(2) + "\n");
+    fs::remove_all(final_dir);  // an older save of the same iteration, if any
+    fs::rename(staging, final_dir);
+    const nlohmann::json latest = {{"iteration", iteration}, {"directory", fs::path(final_dir).filename().string()}};
+    write_file_atomically(dir + "/latest.json", latest.dump(2) + "\n");  // the commit
+  }
+  barrier(world);
+}
+
+inline torch::Device device_of(const AdamW& optimizer) { return optimizer.slots.at(0).param.device(); }
+
+// Saves a Trainer's state (trainer.hpp calls this): a collective over every rank.
+inline void save_checkpoint(const std::string& dir, CheckpointCounters counters, const GPTConfig& c, const TrainConfig& t,
+                            const AdamW& optimizer, const ProcessGroups& g) {
+  const nlohmann::json manifest = {
+      {"format", kCheckpointFormat}, {"config", config_to_json(c)},
+      {"layout", {{"tp", g.layout.tp}, {"cp", g.layout.cp}, {"dp", g.layout.dp}, {"pp", g.layout.pp}}},
+      {"lr_schedule", schedule_to_json(t)},
+      {"data", {{"consumed_samples", counters.consumed_samples}, {"global_batch_size", t.global_batch_size}, {"seed", t.seed}}},
+      {"optimizer", {{"name", "AdamW"}, {"step", optimizer.step_count}, {"beta1", optimizer.beta1},
+                     {"beta2", optimizer.beta2}, {"eps", optimizer.eps}, {"weight_decay", optimizer.weight_decay}}},
+      {"rng", {{"torch_cpu", rng_state_hex()}}}};
+  write_checkpoint(dir, counters.iteration, manifest, checkpoint_shards(optimizer, c, g), g.world, device_of(optimizer));
+  print0("saved checkpoint {}\n", iteration_dir(dir, counters.iteration));
+}
+
+// Full weights from one process (convert_checkpoint --import-hf): a 1x1x1 checkpoint of
+// iteration 0 without AdamW or RNG state, which --load reads under any layout.
+inline void save_weights(const std::string& dir, const GPTConfig& c, const std::map<std::string, torch::Tensor>& weights) {
+  std::vector<ShardedTensor> whole;
+  for (const auto& [name, t] : weights) whole.push_back({name, t, ShardSpec{}});
+  const nlohmann::json manifest = {
+      {"format", kCheckpointFormat}, {"config", config_to_json(c)},
+      {"layout", {{"tp", 1}, {"cp", 1}, {"dp", 1}, {"pp", 1}}}, {"data", {{"consumed_samples", 0}}}, {"optimizer", nullptr}};
+  write_checkpoint(dir, /*iteration=*/0, manifest, whole, Group{}, torch::kCPU);
 }
 
 }  // namespace lightron

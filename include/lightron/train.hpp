@@ -1,7 +1,7 @@
 // lightron/train.hpp — what a training step needs besides the model: the optimizer (AdamW),
 // the learning-rate schedule (warmup, then cosine/linear/constant decay to --min-lr),
 // global-norm gradient clipping, FLOP counting for MFU, and the metrics (a Megatron-style
-// log line and the same numbers as JSON lines).
+// log line, the same numbers as JSON lines, and as TensorBoard scalars).
 //
 // The step itself is a few lines in each example, because that is where the parallel
 // layouts differ: who runs forward/backward (pipeline_parallel.hpp), who reduces gradients
@@ -11,12 +11,14 @@
 
 #include "compat.hpp"
 #include "core.hpp"
+#include "tensorboard.hpp"
 
 #include <sys/resource.h>  // getrusage: peak memory on CPU
 
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -173,14 +175,18 @@ struct StepMetrics {
   double lr = 0, loss = 0, grad_norm = 0, ms_per_iter = 0, tokens_per_s = 0, tflops = 0, mfu = 0, peak_mib = 0;
 };
 
-// Writes the Megatron-style line to stdout and a JSON line to the metrics file (rank 0 only).
+// Writes the Megatron-style line to stdout, a JSON line to the metrics file and scalars to a
+// TensorBoard event file in tensorboard_dir (rank 0 only; an empty path turns one off).
 struct MetricsLog {
   std::FILE* file = nullptr;
-  explicit MetricsLog(const std::string& path) {
-    if (!path.empty() && global_rank() == 0) {
+  std::unique_ptr<TensorBoardWriter> tensorboard;
+  explicit MetricsLog(const std::string& path, const std::string& tensorboard_dir = "") {
+    if (global_rank() != 0) return;
+    if (!path.empty()) {
       file = std::fopen(path.c_str(), "w");
       require(file != nullptr, "--metrics-file: cannot open '{}' for writing", path);
     }
+    if (!tensorboard_dir.empty()) tensorboard = std::make_unique<TensorBoardWriter>(tensorboard_dir);
   }
   ~MetricsLog() {
     if (file) std::fclose(file);
@@ -199,10 +205,19 @@ struct MetricsLog {
                      "\"tflops\": {:.6f}, \"mfu\": {:.6f}, \"peak_mib\": {:.1f}}}",
                      m.iteration, m.consumed_samples, m.lr, m.loss, m.loss, m.grad_norm, m.ms_per_iter,
                      m.tokens_per_s, m.tflops, m.mfu, m.peak_mib));
+    scalars(m.iteration, {{"train/loss", m.loss}, {"train/lr", m.lr}, {"train/grad_norm", m.grad_norm},
+                          {"perf/tokens_per_s", m.tokens_per_s}, {"perf/tflops", m.tflops}, {"perf/mfu", m.mfu},
+                          {"memory/peak_mib", m.peak_mib}});
   }
   void log_eval(int64_t iteration, double loss) {
     print0(" validation at iteration {} | loss {:.6f} | ppl {:.3f}\n", iteration, loss, std::exp(loss));
     json(fmt::format("{{\"iteration\": {}, \"eval_loss\": {:.9g}}}", iteration, loss));
+    scalars(iteration, {{"eval/loss", loss}});
+  }
+  void scalars(int64_t step, std::initializer_list<std::pair<const char*, double>> tagged) {
+    if (!tensorboard) return;
+    for (const auto& [tag, value] : tagged) tensorboard->add_scalar(tag, step, value);
+    tensorboard->flush();  // a live TensorBoard sees each step as it is logged
   }
   void json(const std::string& line) {
     if (!file) return;

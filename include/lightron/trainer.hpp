@@ -10,7 +10,7 @@
 // examples/pretrain_gpt.cpp and the parity tests drive this class.
 #pragma once
 
-#include "checkpoint.hpp"
+#include "checkpoint_load.hpp"
 #include "data.hpp"
 #include "data_parallel.hpp"
 #include "pipeline_schedule.hpp"
@@ -144,8 +144,13 @@ class Trainer {
     return out;
   }
 
-  void save(const std::string& dir, CheckpointCounters counters) { save_rank_checkpoint(dir, groups_.rank, *optimizer, counters); }
-  CheckpointCounters load(const std::string& dir) { return load_rank_checkpoint(dir, groups_.rank, *optimizer); }
+  // Sharded checkpoints (checkpoint.hpp): collectives; load() accepts any saving layout.
+  void save(const std::string& dir, CheckpointCounters counters) {
+    save_checkpoint(dir, counters, model->config, train_, *optimizer, groups_);
+  }
+  CheckpointCounters load(const std::string& dir, const LoadOptions& options = {}) {
+    return load_checkpoint(dir, options, model->config, train_, *optimizer, groups_);
+  }
 
   std::shared_ptr<GPT> model;  // this rank's part of it
   TensorParallelInfo tp_info;

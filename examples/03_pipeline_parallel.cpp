@@ -1,0 +1,135 @@
+// 03_pipeline_parallel — stage 3: the model cut into consecutive slices of blocks, one per
+// rank; micro-batches flow through the ranks like cars through a car wash.
+//
+//   mpirun -np 2 --oversubscribe --allow-run-as-root --bind-to none -x OMP_NUM_THREADS=1 \
+//       -x MASTER_PORT=29730 build/examples/03_pipeline_parallel \
+//       --data-path data/fortunes_text_document --tokenizer-model data/tokenizer.model \
+//       --pipeline-schedule afab
+//   mpirun -np 4 --oversubscribe --allow-run-as-root --bind-to none -x OMP_NUM_THREADS=1 \
+//       -x MASTER_PORT=29731 build/examples/03_pipeline_parallel \
+//       --data-path data/fortunes_text_document --tokenizer-model data/tokenizer.model \
+//       --pipeline-schedule 1f1b --num-layers-per-virtual-pipeline-stage 1
+//
+// One stage per rank (8 layers: -np 2, 4 or 8). Rank 0 prints the loss, what each rank held,
+// the last step's timeline and the bubble: on the wall clock, replayed from the measured costs,
+// and in theory. About 15 s on 2 cores. tutorials/03_pipeline_parallel.md walks through it.
+#include <lightron/data.hpp>
+#include <lightron/trainer.hpp>
+
+#include <CLI/CLI.hpp>
+
+#include <filesystem>
+#include <cstring>  // memcpy
+
+using namespace lightron;
+
+int main(int argc, char** argv) {
+  return run_main([&] {
+    std::string data_path, tokenizer_model;
+    ParallelOptions options;  // pipeline_schedule, layers_per_virtual_stage
+    TrainConfig train;
+    train.micro_batch_size = 2;
+    train.train_iters = 30;
+    const int64_t num_layers = 8;
+    CLI::App app{"lightron stage 3: pipeline-parallel training of a small GPT"};
+    app.add_option("--data-path", data_path, "prefix of a .bin/.idx pair")->required();
+    app.add_option("--tokenizer-model", tokenizer_model, "SentencePiece .model (its .vocab is next to it)")->required();
+    app.add_option("--pipeline-schedule", options.pipeline_schedule, "afab or 1f1b");
+    app.add_option("--num-layers-per-virtual-pipeline-stage", options.layers_per_virtual_stage,
+                   "> 0: interleaved 1f1b, each rank holding several slices");
+    app.add_option("--micro-batch-size", train.micro_batch_size, "samples per micro-batch; 16 per step in all");
+    app.add_option("--train-iters", train.train_iters, "optimizer steps");
+    try {
+      app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+      return app.exit(e) == 0 ? 0 : kUsageExitCode;  // --help prints and exits 0
+    }
+    setup_process(/*num_threads=*/1);
+    const LaunchEnv env = launch_env();
+    global_rank() = env.rank;
+
+    GPTConfig model_config = GPTConfig::gpt2();
+    model_config.num_layers = num_layers;
+    model_config.hidden_size = 128;
+    model_config.num_attention_heads = 4;
+    model_config.seq_length = 64;
+    const SpmVocab vocab(std::filesystem::path(tokenizer_model).replace_extension(".vocab"));
+    model_config.vocab_size = padded_vocab_size(vocab.size(), /*divisible_by=*/128, /*tp_size=*/1);
+    train.global_batch_size = 16;  // m = 16 / micro-batch-size micro-batches per step
+    train.lr = 3e-3;
+    train.lr_warmup_iters = 10;
+    validate_train_config(train, /*dp_size=*/1);
+    const int64_t p = env.world_size, m = train.accumulation_steps(1);
+    require(p >= 2, "a pipeline needs at least 2 ranks; launch with mpirun -np 2 (or 4, 8)");
+    validate_pipeline(num_layers, p, options.layers_per_virtual_stage, m, options.pipeline_schedule);  // fail fast
+
+    auto groups = init_process_groups(Layout{/*tp=*/1, /*cp=*/1, /*dp=*/1, /*pp=*/p});
+    IndexedDataset indexed(data_path);
+    GPTDataset train_data(indexed, split_documents("969,30,1", indexed.num_sequences()).train,
+                          model_config.seq_length, train.seed);
+    DataSampler sampler(train_data.size(), train.global_batch_size, train.micro_batch_size, 0, 1, train.seed);
+    Trainer trainer(model_config, train, options, *groups);  // whole model from the seed, then cut to this stage
+    PipelineEngine& engine = *trainer.engine;  // the schedule's runner and its timeline
+    const int64_t v = trainer.stage.num_virtual;
+    print0("pp {} | schedule {}{} | {} micro-batches of {} per step\n", p, options.pipeline_schedule,
+           v > 1 ? fmt::format(" interleaved over v = {} chunks per rank", v) : "", m, train.micro_batch_size);
+
+    double wall = 0, replayed = 0;  // summed over iterations 6, 7, ... (the first ones warm caches up)
+    const double measured = std::max(1.0, train.train_iters - 5.0);
+    for (int64_t it = 1; it <= train.train_iters; ++it) {
+      std::vector<Batch> micro;  // the m micro-batches of this step
+      for (const auto& indices : sampler.next_global_batch()) micro.push_back(make_batch(train_data, indices));
+      const double loss = trainer.step(micro, it);  // the schedule runs inside: F and B of each micro-batch
+      if (it > 5) {
+        auto mine = torch::tensor(engine.measured_bubble(), torch::kDouble);
+        all_reduce(groups->pp, mine, /*average=*/true);
+        wall += mine.item<double>();
+        replayed += engine.replayed_bubble();  // a collective: every rank calls it
+      }
+      if (it == 1 || it % 10 == 0 || it == train.train_iters)
+        print0("iteration {:>4}/{} | loss {:.4f} | grad norm {:.3f} | {:.0f} ms/step\n", it, train.train_iters, loss,
+               trainer.grad_norm, engine.step_seconds * 1000);
+    }
+
+    // Rank 0 prints one line from each pipeline rank, in order (gathered as bytes).
+    auto print_per_rank = [&](const std::string& line) {
+      auto bytes = torch::zeros({1, 128}, torch::kUInt8);  // zero-terminated
+      std::memcpy(bytes.data_ptr(), line.data(), std::min<size_t>(line.size(), 127));
+      auto all = all_gather(groups->pp, bytes, 0);  // (p, 128)
+      for (int64_t s = 0; s < p; ++s) print0("{}\n", static_cast<const char*>(all[s].data_ptr()));
+    };
+    std::string layers;  // this rank's chunks, e.g. "[0,1] [4,5]"
+    for (const auto& chunk : trainer.stage.chunks) layers += fmt::format("[{}] ", fmt::join(chunk, ","));
+    layers += trainer.stage.has_embedding() ? "+wte,wpe" : trainer.stage.has_head() ? "+ln_f,head" : "";
+    int64_t num_params = 0;
+    for (const auto& param : trainer.params) num_params += param.numel();
+    print0("\n{:>4} {:<26} {:>10} {:>9}\n", "rank", "layers (per chunk)", "parameters", "in flight");
+    print_per_rank(fmt::format("{:>4} {:<26} {:>10} {:>9}", groups->rank, layers, num_params, engine.peak_in_flight));
+
+    // The last step on every rank's clock: digits are forwards of micro-batch k, letters
+    // backwards (a = 0, b = 1, ...), dots idle. An action first waits for its message.
+    auto span = torch::tensor(engine.step_seconds, torch::kDouble);
+    all_reduce_max(groups->pp, span);
+    const double seconds_per_column = span.item<double>() / 96;
+    std::string row(96, '.');
+    double waited_until = 0;
+    for (const auto& e : engine.timeline) {
+      if (e.kind == "wait") {
+        waited_until = e.end;
+        continue;
+      }
+      const char mark = e.kind == "F" ? char('0' + e.micro_batch % 10) : char('a' + e.micro_batch % 26);
+      const auto end = std::min(row.size(), size_t(e.end / seconds_per_column));
+      for (auto col = size_t(std::max(e.start, waited_until) / seconds_per_column); col < end; ++col) row[col] = mark;
+    }
+    print0("\nlast step, {:.0f} ms:\n", span.item<double>() * 1000);
+    print_per_rank(fmt::format("  rank {} |{}|", groups->rank, row));
+    print0("\nbubble (idle fraction of a step; mean of iterations 6-{}):\n"
+           "  wall clock {:.3f}  (time not spent in F or B, averaged over the ranks)\n"
+           "  replayed   {:.3f}  (the schedule replayed with each action's measured CPU time)\n"
+           "  theory     {:.3f}  ((p-1)/(v m+p-1) with p {}, v {}, m {})\n",
+           train.train_iters, wall / measured, replayed / measured, theoretical_bubble(m, p, v), p, v, m);
+    barrier(groups->world);
+    return 0;
+  });
+}
