@@ -37,7 +37,7 @@ int main(int argc, char** argv) {
     setup_process(num_threads);
 
     // The model: GPT-2 flavour, small enough for a laptop CPU.
-    SpmVocab vocab(std::filesystem::path(tokenizer_model).replace_extension(".vocab"));  // spm_train writes both
+    SpmVocab vocab(spm_vocab_path(tokenizer_model));  // spm_train writes both
     GPTConfig model_config = GPTConfig::gpt2();
     model_config.num_layers = 4;  // L
     model_config.hidden_size = 128;  // C

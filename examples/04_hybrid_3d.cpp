@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
     model_config.hidden_size = 128;
     model_config.num_attention_heads = 4;
     model_config.seq_length = 64;
-    const SpmVocab vocab(std::filesystem::path(tokenizer_model).replace_extension(".vocab"));
+    const SpmVocab vocab(spm_vocab_path(tokenizer_model));
     model_config.vocab_size = padded_vocab_size(vocab.size(), /*divisible_by=*/128, layout.tp);
     train.micro_batch_size = 4;
     train.global_batch_size = 16;  // = micro 4 x 2 micro-batches (the pipeline's m) x dp 2

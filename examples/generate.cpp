@@ -38,7 +38,7 @@ int main(int argc, char** argv) {
     setup_process(num_threads);
     const ModelWeights weights = read_model_weights(load);
     auto model = weights.model();
-    const SpmVocab vocab(std::filesystem::path(tokenizer_model).replace_extension(".vocab"));  // next to the model
+    const SpmVocab vocab(spm_vocab_path(tokenizer_model));  // next to the model
     require(vocab.size() <= weights.config.vocab_size, "{}: the tokenizer has {} pieces, more than the model's vocabulary "
             "({}); use the tokenizer the model was trained with", tokenizer_model, vocab.size(), weights.config.vocab_size);
     const auto ids = encode_with_cli(tokenizer_model, prompt);

@@ -95,9 +95,9 @@ int main(int argc, char** argv) {
     ParallelOptions options = parallel_options(a);
     options.device = device;
     Trainer trainer(a.model, a.train, options, *groups);
-    const int64_t num_params = [&] {
+    const int64_t num_params = [&] {  // the whole model's (this rank holds a part of it)
       int64_t n = 0;
-      for (auto& p : trainer.params) n += p.numel();
+      for (const auto& [name, shape] : parameter_shapes(a.model)) n += c10::multiply_integers(shape);
       return n;
     }();
     print0("model: {} parameters ({} layers, hidden {}, heads {}, seq {}) | global batch {} = micro {} x {} "

@@ -52,11 +52,6 @@ struct Arguments {
   int64_t top_k = 40;
 };
 
-// data/tokenizer.model -> data/tokenizer.vocab (spm_train writes both).
-inline std::string spm_vocab_path(const std::string& model_path) {
-  const auto dot = model_path.rfind(".model");
-  return (dot == std::string::npos ? model_path : model_path.substr(0, dot)) + ".vocab";
-}
 
 inline void add_model_flags(CLI::App& app, GPTConfig& m) {
   app.add_option("--num-layers", m.num_layers, "transformer blocks (L)");
@@ -223,9 +218,10 @@ inline void validate_arguments(Arguments& a, int64_t world_size) {
 
 // --dry-run: the memory of every rank of the layout, from the flags alone.
 inline void print_dry_run(const Arguments& a) {
-  print0("dry run: layout tp {} cp {} dp {} pp {}, micro-batch {}, {} micro-batches per step, schedule {}\n", a.layout.tp,
-         a.layout.cp, a.layout.dp, a.layout.pp, a.train.micro_batch_size, a.train.accumulation_steps(a.layout.dp),
-         a.layout.pp > 1 ? a.pipeline_schedule : "none");
+  print0("dry run: layout tp {} cp {} dp {} pp {}, micro-batch {}, {} micro-batches per step, schedule {}, {} chunk(s) "
+         "per rank\n", a.layout.tp, a.layout.cp, a.layout.dp, a.layout.pp, a.train.micro_batch_size,
+         a.train.accumulation_steps(a.layout.dp), a.layout.pp > 1 ? a.pipeline_schedule : "none",
+         virtual_stages(a.model.num_layers, a.layout.pp, a.num_layers_per_virtual_pipeline_stage));
   print0("{:>5} {:>4} {:>4} {:>4} {:>12} {:>12} {:>12} {:>12} {:>14} {:>12}\n", "rank", "tp", "dp", "pp", "parameters",
          "params MiB", "grads MiB", "adam MiB", "activ. MiB (~)", "total MiB");
   const double mib = 1024.0 * 1024.0;

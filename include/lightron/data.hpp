@@ -253,6 +253,12 @@ inline Batch make_batch(const GPTSampleSource& source, const std::vector<int64_t
 
 // ---- tokenizer (SentencePiece files, read without libsentencepiece) ---------------------
 
+// data/tokenizer.model -> data/tokenizer.vocab (spm_train writes both).
+inline std::string spm_vocab_path(const std::string& model_path) {
+  const auto dot = model_path.rfind(".model");
+  return (dot == std::string::npos ? model_path : model_path.substr(0, dot)) + ".vocab";
+}
+
 // The pieces of a SentencePiece `.vocab` file ("piece<TAB>score", id = line number).
 class SpmVocab {
  public:

@@ -76,10 +76,17 @@ inline MemoryEstimate estimate_memory(const GPTConfig& c, const Layout& layout, 
   const int64_t fc = c.swiglu ? 3 * c.ffn() : 2 * c.ffn();
   const int64_t per_layer = B * T * (10 * C / (sequence_parallel ? tp : 1) + (2 * c.qkv_size() + fc) / tp) +
                             2 * B * (H / tp) * T * T;
+  // Chunks whose activations are held at once, as pipeline_actions schedules them: every
+  // chunk of every micro-batch for AFAB; the warm-up forwards plus one for 1F1B.
+  const int64_t chunk_size = c.num_layers / (p * v), s = coords.pp, units = micro_batches * v;
+  const int64_t warmup = v == 1 ? p - s - 1 : (p - s - 1) * 2 + (v - 1) * p;
+  const int64_t in_flight = p == 1 ? 1 : schedule == "afab" ? units : std::min(units, warmup + 1);
   int64_t layers = 0;
   for (bool b : mine) layers += b;
-  const int64_t in_flight = p == 1 ? 1 : schedule == "afab" ? micro_batches : std::min(micro_batches, p - coords.pp);
-  m.activation_bytes = 4 * per_layer * layers * in_flight;
+  const int64_t held_layers = p == 1 || v == 1 ? layers * in_flight : chunk_size * in_flight;
+  // ... plus the output layer's fp32 logits (B·T·V/tp) on the last stage.
+  const int64_t logits = last ? B * T * c.vocab_size / tp : 0;
+  m.activation_bytes = 4 * (per_layer * held_layers + logits);
   return m;
 }
 
