@@ -40,13 +40,10 @@ cmake --build $build -j 16 --target $targets > "$out/build.log" 2>&1 \
 say "build: $(( $(date +%s) - t0 )) s ($targets)"
 
 # 2. tests
-# (The bad-input table spawns pretrain_gpt with posix_spawn; it crashed under this machine's
-# sandbox, so it runs only in the CPU suite.)
-if ./$build/tests/lightron_tests --test-suite-exclude='mpi*,reference*,cuda' --test-case-exclude='bad input*' > "$out/unit.log" 2>&1; then
-  say "single-rank tests: $(grep -E 'test cases' "$out/unit.log" | tail -1)"
-else
-  say "single-rank tests FAILED: $(grep -E 'test cases' "$out/unit.log" | tail -1)"; grep -E "ERROR" -A3 "$out/unit.log" | head -30; status=1
-fi
+# Each single-rank test case in a process of its own, so that one crash names itself.
+$py bench/run_test_cases.py ./$build/tests/lightron_tests "$out/unit_failed.log" \
+  --test-suite-exclude='mpi*,reference*,cuda' | tee -a "$report"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
 if ./$build/tests/lightron_tests --test-suite=cuda -s > "$out/cuda.log" 2>&1; then
   say "CUDA tests (CPU-vs-CUDA fp32 parity, bf16): $(grep -E 'test cases' "$out/cuda.log" | tail -1)"
 else

@@ -78,7 +78,9 @@ int main(int argc, char** argv) {
       optimizer.zero_grad();
       auto loss = model->loss(batch.tokens, batch.labels);  // forward: mean cross-entropy
       loss.backward();                                      // backward: p.grad() for every p
-      const double grad_norm = clip_grads(params, std::sqrt(grad_sq_norm(params)), train.clip_grad);
+      const auto norm = grad_sq_norm(params).sqrt();
+      clip_grads(params, norm, train.clip_grad);
+      const double grad_norm = norm.item<double>();
       const double lr = lr_at(train, it);                   // warmup, then cosine decay
       optimizer.step(lr);
       if (it == 1 || it % 10 == 0 || it == train.train_iters) {

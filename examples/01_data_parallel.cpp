@@ -102,7 +102,9 @@ int main(int argc, char** argv) {
       if (ddp) ddp->finish();                       // wait for the buckets' all-reduces
       else all_reduce_gradients(params, dp);        // naive: one all-reduce per parameter, now
       all_reduce(dp, loss, /*average=*/true);       // for the log line only
-      const double grad_norm = clip_grads(params, std::sqrt(grad_sq_norm(params)), train.clip_grad);
+      const auto norm = grad_sq_norm(params).sqrt();
+      clip_grads(params, norm, train.clip_grad);
+      const double grad_norm = norm.item<double>();
       optimizer.step(lr_at(train, it));
       const bool check = check_weight_hash_interval > 0 && it % check_weight_hash_interval == 0;
       if (check) check_replicas(params, dp, it);  // throws, naming the rank that diverged

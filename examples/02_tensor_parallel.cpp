@@ -116,9 +116,11 @@ int main(int argc, char** argv) {
         print0("\n");
       }
       for (auto& p : info.sequence_parallel_params) all_reduce(tp, p.grad());  // each rank saw T/tp of the tokens
-      auto sq = torch::tensor(grad_sq_norm(counted), torch::kDouble);
+      auto sq = grad_sq_norm(counted);
       all_reduce(tp, sq);  // Σ‖g‖² over the whole model
-      const double grad_norm = clip_grads(params, std::sqrt(sq.item<double>()), train.clip_grad);
+      const auto norm = sq.sqrt();
+      clip_grads(params, norm, train.clip_grad);
+      const double grad_norm = norm.item<double>();
       optimizer.step(lr_at(train, it));  // every rank updates its own shard; replicas stay equal
       if (it == 1 || it % 10 == 0 || it == train.train_iters) {
         print0("iteration {:>4}/{} | loss {:.4f} | grad norm {:.3f} | {:.0f} ms/iter\n", it, train.train_iters,

@@ -45,6 +45,15 @@ inline torch::Tensor fused_causal_attention(const torch::Tensor& q, const torch:
 #endif
 }
 
+// t_i *= scale for every tensor, scale a 0-dim tensor on their device (no host sync).
+inline void scale_tensors(std::vector<torch::Tensor>& tensors, const torch::Tensor& scale) {
+#if TORCH_VERSION_MAJOR >= 2
+  at::_foreach_mul_(tensors, scale);
+#else
+  for (auto& t : tensors) t.mul_(scale);  // 1.13 has no _foreach_mul_ by a tensor
+#endif
+}
+
 // bf16 autocast on CUDA for the lifetime of the guard: matrix products in bf16, weights
 // stay fp32 (the master copy), and the cast-weight cache is cleared when the outermost
 // guard ends (as Python's `with torch.autocast(...)` does), so the next step casts afresh.

@@ -122,9 +122,12 @@ struct AdamW {
     at::_foreach_addcdiv_(params, m, denom, -lr / bias1);
   }
 
-  void zero_grad() {
+  // In place by default (data_parallel.hpp's gradients are views into its buckets);
+  // set_to_none lets backward allocate them afresh, one pass less over the memory.
+  void zero_grad(bool set_to_none = false) {
     for (auto& s : slots)
-      if (s.param.grad().defined()) s.param.mutable_grad().zero_();
+      if (set_to_none) s.param.mutable_grad() = torch::Tensor();
+      else if (s.param.grad().defined()) s.param.mutable_grad().zero_();
   }
 };
 
@@ -134,25 +137,25 @@ inline std::vector<std::pair<std::string, torch::Tensor>> named_parameters_of(to
   return out;
 }
 
-// Σ‖g‖² over the given gradients, in fp64 (one device-to-host copy at the end).
-inline double grad_sq_norm(const std::vector<torch::Tensor>& params) {
+// Σ‖g‖² over the given gradients: a 0-dim fp64 tensor on their device, so that a GPU step
+// need not wait for it (read it with .item() after the optimizer step, for logging).
+inline torch::Tensor grad_sq_norm(const std::vector<torch::Tensor>& params) {
   std::vector<torch::Tensor> grads;
   for (const auto& p : params)
     if (p.grad().defined()) grads.push_back(p.grad());
-  if (grads.empty()) return 0.0;
-  return torch::stack(at::_foreach_norm(grads)).to(torch::kDouble).pow(2).sum().item<double>();
+  if (grads.empty()) return torch::zeros({}, torch::kDouble);
+  return torch::stack(at::_foreach_norm(grads)).to(torch::kDouble).pow(2).sum();
 }
 
-// Scales every gradient by min(1, max_norm / total_norm); returns total_norm unchanged.
-inline double clip_grads(const std::vector<torch::Tensor>& params, double total_norm, double max_norm) {
-  if (max_norm <= 0 || total_norm <= max_norm) return total_norm;
+// Scales every gradient by min(1, max_norm / total_norm) (0 disables clipping).
+inline void clip_grads(const std::vector<torch::Tensor>& params, const torch::Tensor& total_norm, double max_norm) {
+  if (max_norm <= 0) return;
   torch::NoGradGuard no_grad;
-  const double scale = max_norm / (total_norm + 1e-6);
   std::vector<torch::Tensor> grads;
   for (const auto& p : params)
     if (p.grad().defined()) grads.push_back(p.grad());
-  at::_foreach_mul_(grads, scale);
-  return total_norm;
+  if (grads.empty()) return;
+  scale_tensors(grads, (max_norm / (total_norm + 1e-6)).clamp_max(1.0).to(grads[0].scalar_type()));
 }
 
 // Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's

@@ -63,16 +63,17 @@ class Trainer {
   // One optimizer step over this rank's micro-batches of a global batch; returns the loss
   // averaged over the whole global batch (the same number on every rank).
   double step(const std::vector<Batch>& micro_batches, int64_t iteration) {
-    optimizer->zero_grad();
+    optimizer->zero_grad(/*set_to_none=*/!ddp);
     auto loss = forward_backward(to_device(micro_batches));
     if (ddp) ddp->finish();
     else if (groups_.dp.size > 1) all_reduce_gradients(params, groups_.dp);
     for (auto& p : tp_info.sequence_parallel_params) all_reduce(groups_.tp, p.grad());
     if (auto wte = tied_embedding()) all_reduce(groups_.embedding, wte->grad());
     all_reduce(groups_.dp, loss, /*average=*/true);
-    grad_norm = global_grad_norm();
-    clip_grads(params, grad_norm, train_.clip_grad);
+    const auto norm = global_grad_norm();  // stays on the device: no wait before the update
+    clip_grads(params, norm, train_.clip_grad);
     optimizer->step(lr_at(train_, iteration));
+    grad_norm = norm.item<double>();
     return loss.item<double>();
   }
 
@@ -181,17 +182,17 @@ class Trainer {
 
   // ‖g‖ over the whole model, each parameter counted once: tp shards add up; replicated
   // parameters count on tp rank 0 only; the last stage's copy of a tied wte not at all.
-  double global_grad_norm() {
+  torch::Tensor global_grad_norm() {
     std::vector<torch::Tensor> counted;
     for (auto& [name, p] : named_params) {
       const bool replicated = !tp_info.sharded.count(name) && groups_.tp.rank != 0;
       const bool tied_copy = name == "wte.weight" && !stage.has_embedding();
       if (!replicated && !tied_copy) counted.push_back(p);
     }
-    auto sq = scalar(grad_sq_norm(counted));
+    auto sq = grad_sq_norm(counted).to(options_.device);
     all_reduce(groups_.tp, sq);
     all_reduce(groups_.pp, sq);
-    return std::sqrt(sq.item<double>());
+    return sq.sqrt();
   }
 
   // A double on this rank's device (NCCL reduces device tensors only).
