@@ -170,7 +170,7 @@ struct DataFiles {
   fs::path dir;
   DataFiles() {
     dir = fs::temp_directory_path() / fmt::format("lightron_bad_input_{}", ::getpid());
-    fs::remove_all(dir);
+    lightron::remove_tree(dir);
     fs::create_directories(dir);
     write(dir / "good", /*max_id=*/50);
     write(dir / "big_ids", /*max_id=*/199);  // needs --vocab-size 200
@@ -181,10 +181,7 @@ struct DataFiles {
     fs::copy_file(dir / "good.bin", dir / "truncated.bin");
     fs::resize_file(dir / "truncated.bin", fs::file_size(dir / "good.bin") / 2);
   }
-  ~DataFiles() {
-    std::error_code ignored;
-    fs::remove_all(dir, ignored);
-  }
+  ~DataFiles() { lightron::remove_tree(dir); }
   static void write(const fs::path& prefix, int64_t max_id) {
     IndexedDatasetWriter writer(prefix.string(), TokenDtype::kUInt16);
     for (int64_t d = 0; d < 16; ++d) {

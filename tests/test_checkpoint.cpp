@@ -14,7 +14,7 @@ namespace fs = std::filesystem;
 std::string fresh_dir(const std::string& name, const Group& world = Group{}) {
   const std::string dir = fmt::format("{}/checkpoint_tests/{}", LIGHTRON_BINARY_DIR, name);
   if (world.rank == 0) {
-    fs::remove_all(dir);
+    lightron::remove_tree(dir);
     fs::create_directories(dir);
   }
   barrier(world);
@@ -241,7 +241,7 @@ TEST_CASE("checkpoint: interrupted saves are skipped, and the previous checkpoin
   CHECK(found.skipped == std::vector<std::string>{dir + "/iter_0000002.tmp", dir + "/iter_0000003"});
   fs::remove(dir + "/latest.json");  // the newest complete one, without the pointer
   CHECK(find_checkpoint(dir).path == dir + "/iter_0000001");
-  fs::remove_all(dir + "/iter_0000001");
+  lightron::remove_tree(dir + "/iter_0000001");
   CHECK_THROWS_WITH_AS(find_checkpoint(dir), doctest::Contains("no complete checkpoint here"), UsageError);
 }
 

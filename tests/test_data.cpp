@@ -20,10 +20,10 @@ struct TempDir {
     static std::atomic<int> counter{0};
     path = fs::temp_directory_path() /
            fmt::format("lightron_test_data_{}_{}", ::getpid(), counter++);
-    fs::remove_all(path);
+    lightron::remove_tree(path);
     fs::create_directories(path);
   }
-  ~TempDir() { fs::remove_all(path); }
+  ~TempDir() { lightron::remove_tree(path); }
   std::string prefix(const std::string& name) const { return (path / name).string(); }
 };
 

@@ -178,7 +178,7 @@ inline void write_checkpoint(const std::string& dir, int64_t iteration, nlohmann
   namespace fs = std::filesystem;
   const std::string final_dir = iteration_dir(dir, iteration), staging = final_dir + ".tmp";
   if (world.rank == 0) {
-    fs::remove_all(staging);
+    lightron::remove_tree(staging);
     fs::create_directories(staging);
   }
   barrier(world);
@@ -203,7 +203,7 @@ inline void write_checkpoint(const std::string& dir, int64_t iteration, nlohmann
       if (files[r][0].item<int64_t>() > 0)
         manifest["files"][rank_file_name(r)] = {{"bytes", files[r][0].item<int64_t>()}, {"crc32", files[r][1].item<int64_t>()}};
     write_file_atomically(staging + "/manifest.json", manifest.dump(2) + "\n");
-    fs::remove_all(final_dir);  // an older save of the same iteration, if any
+    lightron::remove_tree(final_dir);  // an older save of the same iteration, if any
     fs::rename(staging, final_dir);
     const nlohmann::json latest = {{"iteration", iteration}, {"directory", fs::path(final_dir).filename().string()}};
     write_file_atomically(dir + "/latest.json", latest.dump(2) + "\n");  // the commit

@@ -18,9 +18,11 @@
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace lightron {
 
@@ -105,6 +107,19 @@ struct Timer {
   double seconds() const { return std::chrono::duration<double>(Clock::now() - start).count(); }
   void reset() { start = Clock::now(); }
 };
+
+// Removes a directory tree (or a file); a missing path is fine. Not std::filesystem::remove_all:
+// pip PyTorch 2.11's libtorch.so exports its own copy of that symbol, which wins at link time
+// and crashes (seen on the GPU check machine), so we walk the tree ourselves.
+inline void remove_tree(const std::filesystem::path& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(std::filesystem::symlink_status(path, ec))) {
+    std::vector<std::filesystem::path> children;
+    for (const auto& entry : std::filesystem::directory_iterator(path, ec)) children.push_back(entry.path());
+    for (const auto& child : children) remove_tree(child);
+  }
+  std::filesystem::remove(path, ec);
+}
 
 // Bytes a tensor holds.
 inline int64_t nbytes(const torch::Tensor& t) { return t.numel() * static_cast<int64_t>(t.element_size()); }

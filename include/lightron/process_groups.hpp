@@ -32,6 +32,12 @@
 
 namespace lightron {
 
+#ifdef LIGHTRON_HAVE_GLOO
+constexpr bool kHaveGloo = true;   // several CPU ranks can talk
+#else
+constexpr bool kHaveGloo = false;  // e.g. a pip LibTorch without Gloo's headers
+#endif
+
 struct LaunchEnv {
   int rank = 0, world_size = 1, local_rank = 0;
   std::string launcher = "single process";
