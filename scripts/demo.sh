@@ -13,6 +13,6 @@ mpirun -np 8 --oversubscribe --allow-run-as-root --bind-to none \
     --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 128 \
     --micro-batch-size 4 --global-batch-size 32 --train-iters "$iters" \
     --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 20 --weight-decay 0.1 --clip-grad 1.0 \
-    --eval-interval 100 --eval-iters 5 --log-interval 20 \
+    --eval-interval 100 --eval-iters 5 --log-interval 10 \
     --metrics-file runs/demo_metrics.jsonl --save runs/demo_checkpoint \
     --sample-tokens 60 --num-samples 3
