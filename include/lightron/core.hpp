@@ -121,6 +121,11 @@ inline void remove_tree(const std::filesystem::path& path) {
   std::filesystem::remove(path, ec);
 }
 
+// "h.0.attn.c_proj.weight" ends with "c_proj.weight": parameter names pick init and sharding.
+inline bool name_ends_with(const std::string& name, const std::string& suffix) {
+  return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
 // Bytes a tensor holds.
 inline int64_t nbytes(const torch::Tensor& t) { return t.numel() * static_cast<int64_t>(t.element_size()); }
 

@@ -75,19 +75,17 @@ inline void validate_model_config(const GPTConfig& c) {
       {"num-attention-heads", c.num_attention_heads}, {"seq-length", c.seq_length},
       {"vocab-size", c.vocab_size}};
   for (const auto& [flag, value] : positive) require(value > 0, "--{} must be positive, got {}", flag, value);
-  require(c.ffn_hidden_size >= 0, "--ffn-hidden-size must be positive, got {}", c.ffn_hidden_size);
-  require(c.num_query_groups >= 0, "--num-query-groups must be positive, got {}", c.num_query_groups);
-  require(c.max_position_embeddings >= 0, "--max-position-embeddings must be positive, got {}",
-          c.max_position_embeddings);
-  require(c.hidden_size % c.num_attention_heads == 0,
-          "--hidden-size ({}) must be divisible by --num-attention-heads ({})", c.hidden_size,
-          c.num_attention_heads);
+  const std::pair<const char*, int64_t> defaulted[] = {  // 0 picks the default
+      {"ffn-hidden-size", c.ffn_hidden_size}, {"num-query-groups", c.num_query_groups},
+      {"max-position-embeddings", c.max_position_embeddings}};
+  for (const auto& [flag, value] : defaulted)
+    require(value >= 0, "--{} must not be negative (0 picks the default), got {}", flag, value);
+  require(c.hidden_size % c.num_attention_heads == 0, "--hidden-size ({}) must be divisible by --num-attention-heads ({})",
+          c.hidden_size, c.num_attention_heads);
   require(c.num_attention_heads % c.query_groups() == 0,
-          "--num-attention-heads ({}) must be divisible by --num-query-groups ({})",
-          c.num_attention_heads, c.query_groups());
-  require(c.seq_length <= c.max_positions(),
-          "--seq-length ({}) must not exceed --max-position-embeddings ({})", c.seq_length,
-          c.max_positions());
+          "--num-attention-heads ({}) must be divisible by --num-query-groups ({})", c.num_attention_heads, c.query_groups());
+  require(c.seq_length <= c.max_positions(), "--seq-length ({}) must not exceed --max-position-embeddings ({})",
+          c.seq_length, c.max_positions());
   require(c.normalization == "LayerNorm" || c.normalization == "RMSNorm",
           "--normalization must be LayerNorm or RMSNorm, got '{}'", c.normalization);
   require(c.position_embedding_type == "learned_absolute" || c.position_embedding_type == "rope",
@@ -279,12 +277,9 @@ struct GPT : torch::nn::Module {
     const double scaled_std = config.init_method_std / std::sqrt(2.0 * config.num_layers);
     for (auto& p : named_parameters()) {
       const std::string& name = p.key();
-      auto ends_with = [&](const std::string& s) {
-        return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
-      };
       if (name.find("ln_") != std::string::npos) continue;  // norms keep ones / zeros
-      if (ends_with(".bias")) p.value().zero_();
-      else p.value().normal_(0.0, ends_with("c_proj.weight") ? scaled_std : config.init_method_std);
+      if (name_ends_with(name, ".bias")) p.value().zero_();
+      else p.value().normal_(0.0, name_ends_with(name, "c_proj.weight") ? scaled_std : config.init_method_std);
     }
   }
 

@@ -26,10 +26,6 @@ struct ShardSpec {
   std::vector<int64_t> blocks;
 };
 
-inline bool name_ends_with(const std::string& name, const std::string& suffix) {
-  return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 inline ShardSpec tp_shard_spec(const std::string& name, const GPTConfig& c) {
   const int64_t D = c.head_dim(), F = c.ffn();
   if (name_ends_with(name, "attn.c_attn.weight") || name_ends_with(name, "attn.c_attn.bias"))
