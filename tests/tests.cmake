@@ -30,9 +30,13 @@ add_test(NAME hf_check COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/hf_c
          --build ${PROJECT_BINARY_DIR} --workdir ${CMAKE_CURRENT_BINARY_DIR}/hf_check --port 29995)
 
 # Tools around the library: TensorBoard event files read back by an independent reader, a
-# consumer project (installed + find_package, and add_subdirectory), the tutorials' commands.
+# consumer project (installed + find_package, and add_subdirectory), the GPU check's dry run,
+# the tutorials' commands.
 add_test(NAME tensorboard COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/tensorboard_check.py --build ${PROJECT_BINARY_DIR})
 add_test(NAME consumer COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/consumer/../consumer_test.sh ${PROJECT_SOURCE_DIR} ${CMAKE_CURRENT_BINARY_DIR}/consumer_work)
+# bench/gpu_check.sh's logic at toy size on the CPU (the GPU machine runs it for real).
+add_test(NAME gpu_check_dry_run COMMAND env PYTHON=/usr/bin/python3 BUILD=${PROJECT_BINARY_DIR}
+         OUT=${CMAKE_CURRENT_BINARY_DIR}/gpu_check_dry_run bash ${PROJECT_SOURCE_DIR}/bench/gpu_check.sh --cpu-dry-run)
 add_test(NAME tutorials COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/tutorial_commands.py --root ${PROJECT_SOURCE_DIR})
 set_tests_properties(tutorials PROPERTIES RUN_SERIAL ON)
 

@@ -1,6 +1,6 @@
 // lightron/compat.hpp — the few differences between LibTorch 1.13 (Debian, CPU) and 2.x
-// (pip, CUDA), in one place: the c10d backend base class, fused attention, autocast, and
-// CUDA memory statistics. Everything else is written once for both.
+// (pip, CUDA), in one place: the c10d backend base class, fused attention, fused AdamW,
+// autocast, and CUDA memory statistics. Everything else is written once for both.
 #pragma once
 
 #include <torch/torch.h>
@@ -51,6 +51,34 @@ inline void scale_tensors(std::vector<torch::Tensor>& tensors, const torch::Tens
   at::_foreach_mul_(tensors, scale);
 #else
   for (auto& t : tensors) t.mul_(scale);  // 1.13 has no _foreach_mul_ by a tensor
+#endif
+}
+
+// AdamW as one fused kernel per step (LibTorch >= 2.1, CUDA): it reads p, g, m and v once
+// and writes p, m and v once, where the _foreach_ formulation in train.hpp makes ~9 passes.
+// The same update rule, so either path reproduces the other to rounding.
+inline bool fused_adamw_available(const torch::Tensor& p) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
+  return p.is_cuda();
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+inline void fused_adamw(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& grads,
+                        const std::vector<torch::Tensor>& exp_avgs, const std::vector<torch::Tensor>& exp_avg_sqs,
+                        int64_t step, double lr, double beta1, double beta2, double weight_decay, double eps) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
+  if (params.empty()) return;
+  // The kernel reads the (already incremented) step count from a float tensor per parameter.
+  const std::vector<torch::Tensor> steps(params.size(), torch::full({}, double(step), grads[0].options().dtype(torch::kFloat)));
+  at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/at::TensorList(), steps, lr, beta1, beta2,
+                    weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
+#else
+  (void)params, (void)grads, (void)exp_avgs, (void)exp_avg_sqs, (void)step;
+  (void)lr, (void)beta1, (void)beta2, (void)weight_decay, (void)eps;
+  TORCH_CHECK(false, "fused AdamW needs LibTorch 2.1 or later");
 #endif
 }
 

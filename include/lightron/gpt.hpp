@@ -238,10 +238,10 @@ struct Block : torch::nn::Module {
   }
 };
 
-// Cross-entropy averaged over all B·T tokens, in fp32. logits (B, T, V), labels (B, T).
+// Cross-entropy averaged over all B·T tokens, in fp32. logits (B, T, V), labels (B, T). log_softmax
+// upcasts as it reads: no fp32 copy of bf16 logits, and its backward returns bf16 directly.
 inline torch::Tensor cross_entropy_loss(const torch::Tensor& logits, const torch::Tensor& labels) {
-  return torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}).to(torch::kFloat),
-                                              labels.reshape({-1}));
+  return torch::nll_loss(torch::log_softmax(logits.flatten(0, -2), -1, torch::kFloat), labels.reshape({-1}));
 }
 
 struct GPT : torch::nn::Module {

@@ -95,31 +95,39 @@ struct AdamW {
   void step(double lr) {
     torch::NoGradGuard no_grad;
     ++step_count;
+    for (const bool decay : {true, false}) {  // matrices are decayed; biases and norms are not
+      std::vector<torch::Tensor> p, g, m, v;
+      for (auto& s : slots)
+        if (s.decay == decay && s.param.grad().defined()) {
+          p.push_back(s.param);
+          g.push_back(s.param.grad());
+          m.push_back(s.exp_avg);
+          v.push_back(s.exp_avg_sq);
+        }
+      if (p.empty()) continue;
+      const double wd = decay ? weight_decay : 0.0;
+      if (fused_adamw_available(p[0])) fused_adamw(p, g, m, v, step_count, lr, beta1, beta2, wd, eps);  // compat.hpp
+      else foreach_adamw(p, g, m, v, lr, wd);
+    }
+  }
+
+  // The same update for every tensor at once (_foreach_ ops: a few kernels for the whole
+  // model instead of a few per parameter, which matters on a GPU). Per element:
+  //   p *= 1 - lr·wd; m = β1 m + (1-β1) g; v = β2 v + (1-β2) g²;
+  //   p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)
+  using Tensors = std::vector<torch::Tensor>;
+  void foreach_adamw(const Tensors& p, const Tensors& g, const Tensors& m, const Tensors& v, double lr, double wd) const {
     const double bias1 = 1.0 - std::pow(beta1, double(step_count));
     const double bias2 = 1.0 - std::pow(beta2, double(step_count));
-    // The same update for every tensor at once (_foreach_ ops: a few kernels for the whole
-    // model instead of a few per parameter, which matters on a GPU). Per element:
-    //   p *= 1 - lr·wd (matrices only); m = β1 m + (1-β1) g; v = β2 v + (1-β2) g²;
-    //   p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)
-    std::vector<torch::Tensor> params, grads, m, v, decayed;
-    for (auto& s : slots) {
-      if (!s.param.grad().defined()) continue;
-      params.push_back(s.param);
-      grads.push_back(s.param.grad());
-      m.push_back(s.exp_avg);
-      v.push_back(s.exp_avg_sq);
-      if (s.decay) decayed.push_back(s.param);
-    }
-    if (params.empty()) return;
-    if (!decayed.empty() && weight_decay > 0) at::_foreach_mul_(decayed, 1.0 - lr * weight_decay);
+    if (wd > 0) at::_foreach_mul_(p, 1.0 - lr * wd);
     at::_foreach_mul_(m, beta1);
-    at::_foreach_add_(m, grads, 1.0 - beta1);
+    at::_foreach_add_(m, g, 1.0 - beta1);
     at::_foreach_mul_(v, beta2);
-    at::_foreach_addcmul_(v, grads, grads, 1.0 - beta2);
+    at::_foreach_addcmul_(v, g, g, 1.0 - beta2);
     auto denom = at::_foreach_sqrt(v);
     at::_foreach_div_(denom, std::sqrt(bias2));
     at::_foreach_add_(denom, eps);
-    at::_foreach_addcdiv_(params, m, denom, -lr / bias1);
+    at::_foreach_addcdiv_(p, m, denom, -lr / bias1);
   }
 
   // In place by default (data_parallel.hpp's gradients are views into its buckets);
