@@ -31,7 +31,8 @@ struct Group {
   std::vector<int> ranks; // global ranks of the members, by group rank
 };
 
-// Calls, bytes and seconds of one (group, operation).
+// Calls, bytes and seconds of one (group, operation). Bytes are what this rank hands in:
+// the whole tensor for all-reduce and reduce-scatter, its own piece for all-gather.
 struct CommCounter {
   int64_t calls = 0, bytes = 0;
   double seconds = 0;
