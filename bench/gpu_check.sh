@@ -11,6 +11,7 @@
 #      AdamW) and torch.compile, in the same invocation, and print the ratios;
 #   5. export a lightron checkpoint to HuggingFace and compare logits with transformers.
 # Writes a report to ${OUT:-bench/out}/gpu_report.md and ends with "status: PASS" or "FAIL".
+# On an offline machine, bring the folder that bench/gpu_bundle.sh packs and run it there.
 #
 #   bash bench/gpu_check.sh                  # on the GPU machine
 #   bash bench/gpu_check.sh --cpu-dry-run    # here: the same steps at toy size on the CPU,
@@ -114,8 +115,9 @@ EOF
 
 # 5. HuggingFace export, checked with transformers: the export (tp 2 x pp 2, from
 #    tests/hf_check.py, which needs mpirun) is made here if possible, or brought along in
-#    $HF_ARTIFACTS when this machine has no mpirun.
+#    $HF_ARTIFACTS (default hf_artifacts/, as bench/gpu_bundle.sh packs it) without mpirun.
 hf=${HF_ARTIFACTS:-}
+[ -z "$hf" ] && [ -d hf_artifacts/hf_gpt2 ] && hf=$PWD/hf_artifacts
 if ! $py -c 'import transformers' 2>/dev/null; then
   say "HuggingFace/transformers check: skipped (no transformers here)"
   [ $dry = 1 ] || status=1
