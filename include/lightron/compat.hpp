@@ -57,8 +57,12 @@ inline void scale_tensors(std::vector<torch::Tensor>& tensors, const torch::Tens
 // AdamW as one fused kernel per step (LibTorch >= 2.1, CUDA): it reads p, g, m and v once
 // and writes p, m and v once, where the _foreach_ formulation in train.hpp makes ~9 passes.
 // The same update rule, so either path reproduces the other to rounding.
-inline bool fused_adamw_available(const torch::Tensor& p) {
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
+#define LIGHTRON_HAVE_FUSED_ADAMW 1
+#endif
+
+inline bool fused_adamw_available(const torch::Tensor& p) {
+#ifdef LIGHTRON_HAVE_FUSED_ADAMW
   return p.is_cuda();
 #else
   (void)p;
@@ -69,8 +73,7 @@ inline bool fused_adamw_available(const torch::Tensor& p) {
 inline void fused_adamw(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& grads,
                         const std::vector<torch::Tensor>& exp_avgs, const std::vector<torch::Tensor>& exp_avg_sqs,
                         int64_t step, double lr, double beta1, double beta2, double weight_decay, double eps) {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
-  if (params.empty()) return;
+#ifdef LIGHTRON_HAVE_FUSED_ADAMW
   // The kernel reads the (already incremented) step count from a float tensor per parameter.
   const std::vector<torch::Tensor> steps(params.size(), torch::full({}, double(step), grads[0].options().dtype(torch::kFloat)));
   at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/at::TensorList(), steps, lr, beta1, beta2,
