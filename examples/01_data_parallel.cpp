@@ -63,7 +63,7 @@ int main(int argc, char** argv) {
     train.lr_warmup_iters = 50;
     validate_train_config(train, /*dp_size=*/env.world_size);  // before the rendezvous: fail fast
 
-    auto groups = init_process_groups(Layout{/*tp=*/1, /*cp=*/1, /*dp=*/env.world_size, /*pp=*/1});
+    auto groups = init_process_groups(Layout().with_dp(env.world_size));
     const Group& dp = groups->dp;
 
     IndexedDataset indexed(data_path);
@@ -80,7 +80,7 @@ int main(int argc, char** argv) {
     for (const auto& [name, p] : named_params) params.push_back(p);
     AdamW optimizer(named_params, train);
     std::unique_ptr<BucketedDataParallel> ddp;  // declared after groups: destroyed before them
-    if (ddp_impl == "bucketed") ddp = std::make_unique<BucketedDataParallel>(params, dp, bucket_size);
+    if (ddp_impl == "bucketed") ddp = std::make_unique<BucketedDataParallel>(named_params, dp, bucket_size);
     const int64_t accumulation = train.accumulation_steps(dp.size);
     print0("{} rank(s) | dp {} | {} | global batch {} = micro {} x accumulation {} x dp {}\n", env.world_size, dp.size,
            ddp ? fmt::format("bucketed: {} buckets", ddp->num_buckets()) : "naive: one all-reduce per parameter",
@@ -93,7 +93,8 @@ int main(int argc, char** argv) {
       optimizer.zero_grad();  // in place: under ddp the gradients are views into its buckets
       auto loss = torch::zeros({}, torch::kDouble);
       for (int64_t m = 0; m < accumulation; ++m) {
-        if (ddp) ddp->set_sync(m + 1 == accumulation);  // only the last backward communicates
+        BucketedDataParallel::NoSync no_sync;  // only the last backward communicates:
+        if (ddp && m + 1 < accumulation) no_sync = ddp->no_sync();  // the earlier ones only accumulate
         const Batch batch = make_batch(train_data, micro_batches[m]);
         auto micro_loss = model->loss(batch.tokens, batch.labels) / double(accumulation);
         micro_loss.backward();  // bucketed: all-reduces start here, as buckets fill

@@ -59,7 +59,7 @@ int main(int argc, char** argv) {
     validate_train_config(train, /*dp_size=*/1);
     validate_tensor_parallel(model_config, env.world_size, sequence_parallel);  // heads, F, V divisible by tp
 
-    auto groups = init_process_groups(Layout{/*tp=*/env.world_size, /*cp=*/1, /*dp=*/1, /*pp=*/1});
+    auto groups = init_process_groups(Layout().with_tp(env.world_size));
     const Group& tp = groups->tp;
 
     // Every tp rank reads the same batch: tensor parallelism splits the model, not the data.

@@ -63,7 +63,7 @@ int main(int argc, char** argv) {
     require(p >= 2, "a pipeline needs at least 2 ranks; launch with mpirun -np 2 (or 4, 8)");
     validate_pipeline(num_layers, p, options.layers_per_virtual_stage, m, options.pipeline_schedule);  // fail fast
 
-    auto groups = init_process_groups(Layout{/*tp=*/1, /*cp=*/1, /*dp=*/1, /*pp=*/p});
+    auto groups = init_process_groups(Layout().with_pp(p));
     IndexedDataset indexed(data_path);
     GPTDataset train_data(indexed, split_documents("969,30,1", indexed.num_sequences()).train,
                           model_config.seq_length, train.seed);

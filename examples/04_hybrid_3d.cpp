@@ -23,7 +23,7 @@ using namespace lightron;
 int main(int argc, char** argv) {
   return run_main([&] {
     std::string data_path, tokenizer_model;
-    Layout layout{/*tp=*/2, /*cp=*/1, /*dp=*/0, /*pp=*/2};  // dp = ranks / (tp x pp)
+    Layout layout = Layout().with_tp(2).with_pp(2);  // dp = ranks / (tp x pp), below
     ParallelOptions options;
     TrainConfig train;
     train.train_iters = 100;

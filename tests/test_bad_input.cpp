@@ -8,8 +8,10 @@
 #include "testing.hpp"
 
 #include <fcntl.h>         // open
+#include <netinet/in.h>    // sockaddr_in, ntohs
 #include <signal.h>        // kill
 #include <spawn.h>         // posix_spawnp
+#include <sys/socket.h>    // the busy port's listener
 #include <sys/resource.h>  // rusage
 #include <sys/wait.h>      // wait4
 
@@ -31,8 +33,8 @@ namespace fs = std::filesystem;
 constexpr double kHangSeconds = 20;
 // Bad input must be rejected before anything big exists; LibTorch alone maps ~170 MiB.
 constexpr long kMaxRssKiB = 512 * 1024;
-// The mpirun case rendezvous port (it must fail before rendezvous; set anyway).
-constexpr const char* kMpiPort = "29950";
+// The layout mpirun case's rendezvous port (it must fail before rendezvous; set anyway).
+constexpr int kMpiPort = 29950;
 
 // The valid command every row starts from: mock data and a model that trains in a blink.
 constexpr const char* kBaseFlags =
@@ -263,6 +265,22 @@ std::vector<std::string> command_of(const Case& c, const std::string& dir) {
   return args;
 }
 
+// mpirun -np 2 pretrain_gpt <kBaseFlags with `changes`>, meeting at 127.0.0.1:port.
+std::vector<std::string> mpirun_command(int port, const std::string& changes) {
+  std::vector<std::string> command{"mpirun", "-np", "2", "--oversubscribe", "--allow-run-as-root", "--bind-to", "none",
+                                   "-x", "MASTER_ADDR=127.0.0.1", "-x", fmt::format("MASTER_PORT={}", port), "-x",
+                                   "OMP_NUM_THREADS=1", LIGHTRON_BINARY_DIR "/examples/pretrain_gpt"};
+  const auto args = apply_changes(kBaseFlags, changes);
+  command.insert(command.end(), args.begin(), args.end());
+  return command;
+}
+
+size_t occurrences(const std::string& text, const std::string& line) {
+  size_t count = 0;
+  for (size_t at = text.find(line); at != std::string::npos; at = text.find(line, at + 1)) ++count;
+  return count;
+}
+
 std::string show(const std::vector<std::string>& args) {
   std::string line;
   for (const auto& a : args) line += (line.empty() ? "" : " ") + a;
@@ -308,20 +326,42 @@ TEST_CASE("bad input: every row exits 2 with one line naming the flag and its va
 
 TEST_CASE("bad input: under mpirun -np 2 a layout mismatch is reported once, by rank 0") {
   DataFiles files;
-  std::vector<std::string> command{"mpirun", "-np", "2", "--oversubscribe", "--allow-run-as-root", "--bind-to", "none",
-                                   "-x", fmt::format("MASTER_PORT={}", kMpiPort), "-x", "OMP_NUM_THREADS=1",
-                                   LIGHTRON_BINARY_DIR "/examples/pretrain_gpt"};
-  const auto args = apply_changes(kBaseFlags, "--tensor-model-parallel-size 4");
-  command.insert(command.end(), args.begin(), args.end());
+  const auto command = mpirun_command(kMpiPort, "--tensor-model-parallel-size 4");
   const Outcome o = run(command, files.dir);
   INFO(show(command), "\nstdout:\n", o.out, "stderr:\n", o.err);
-  const std::string all = o.out + o.err, line = "must be divisible by --tensor-model-parallel-size (4)";
-  size_t count = 0;
-  for (size_t at = all.find(line); at != std::string::npos; at = all.find(line, at + 1)) ++count;
-  CHECK(count == 1);
+  const std::string all = o.out + o.err;
+  CHECK(occurrences(all, "must be divisible by --tensor-model-parallel-size (4)") == 1);
   CHECK(all.find("the number of ranks (2)") != std::string::npos);
   CHECK(o.signal == 0);
   CHECK(o.exit_code != 0);
+  check_no_crash_output(all);
+  CHECK(o.seconds < kHangSeconds);
+}
+
+// Another program (here: this test) listens on MASTER_PORT. Rank 0 must say so at once and
+// exit 2, rather than report an unreachable store; rank 1, connected to a listener that never
+// answers, is ended by mpirun when rank 0 exits.
+TEST_CASE("bad input: under mpirun -np 2 a MASTER_PORT already in use is reported once, at once") {
+  DataFiles files;
+  const int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);  // not inherited by mpirun
+  sockaddr_in address{};
+  address.sin_family = AF_INET;  // 0.0.0.0, port 0: the kernel picks a free port
+  socklen_t size = sizeof(address);
+  REQUIRE(::bind(listener, reinterpret_cast<sockaddr*>(&address), size) == 0);
+  REQUIRE(::listen(listener, 16) == 0);
+  REQUIRE(::getsockname(listener, reinterpret_cast<sockaddr*>(&address), &size) == 0);
+  const int port = ntohs(address.sin_port);
+  const auto command = mpirun_command(port, "");
+  const Outcome o = run(command, files.dir);
+  ::close(listener);
+  INFO(show(command), "\nstdout:\n", o.out, "stderr:\n", o.err);
+  const std::string all = o.out + o.err;
+  CHECK(occurrences(all, fmt::format("error: MASTER_PORT {} is already in use on 127.0.0.1 (another job?): set "
+                                     "MASTER_PORT to a free port\n",
+                                     port)) == 1);
+  CHECK(occurrences(all, std::to_string(port)) == 1);  // nothing else (c10d's socket log, rank 1) about it
+  CHECK(o.signal == 0);
+  CHECK(o.exit_code == kUsageExitCode);  // Open MPI's mpirun exits with the first failing rank's code
   check_no_crash_output(all);
   CHECK(o.seconds < kHangSeconds);
 }

@@ -297,25 +297,25 @@ TEST_CASE("hf: the GPT-2 and Llama rename tables, both directions, and config.js
 
 TEST_SUITE("mpi_ckpt_np8") {
   TEST_CASE("ckpt reshard: 2x2x2 -> 1x1x1 -> 2x2x2, GPT-2") {
-    reshard(GPTConfig::gpt2(), "np8_gpt2", Layout{2, 1, 2, 2}, Layout{});
+    reshard(GPTConfig::gpt2(), "np8_gpt2", Layout().with_tp(2).with_dp(2).with_pp(2), Layout{});
   }
   TEST_CASE("ckpt reshard: 2x2x2 -> 1x1x1 -> 2x2x2, Llama") {
-    reshard(GPTConfig::llama(), "np8_llama", Layout{2, 1, 2, 2}, Layout{});
+    reshard(GPTConfig::llama(), "np8_llama", Layout().with_tp(2).with_dp(2).with_pp(2), Layout{});
   }
   TEST_CASE("ckpt resume in one process is bit-exact: 2x2x2, GPT-2") {
-    resume_bit_exact(GPTConfig::gpt2(), "np8_resume", Layout{2, 1, 2, 2});
+    resume_bit_exact(GPTConfig::gpt2(), "np8_resume", Layout().with_tp(2).with_dp(2).with_pp(2));
   }
 }
 
 TEST_SUITE("mpi_ckpt_np4") {
   TEST_CASE("ckpt reshard: 1x2x2 -> 2x1x1 -> 1x2x2, GPT-2") {
-    reshard(GPTConfig::gpt2(), "np4_gpt2", Layout{1, 1, 2, 2}, Layout{2, 1, 1, 1});
+    reshard(GPTConfig::gpt2(), "np4_gpt2", Layout().with_dp(2).with_pp(2), Layout().with_tp(2));
   }
   TEST_CASE("ckpt reshard: 1x2x2 -> 2x1x1 -> 1x2x2, Llama") {
-    reshard(GPTConfig::llama(), "np4_llama", Layout{1, 1, 2, 2}, Layout{2, 1, 1, 1});
+    reshard(GPTConfig::llama(), "np4_llama", Layout().with_dp(2).with_pp(2), Layout().with_tp(2));
   }
   TEST_CASE("ckpt resume in one process is bit-exact: tp 2 x pp 2, Llama") {
-    resume_bit_exact(GPTConfig::llama(), "np4_resume", Layout{2, 1, 1, 2});
+    resume_bit_exact(GPTConfig::llama(), "np4_resume", Layout().with_tp(2).with_pp(2));
   }
 }
 
@@ -325,7 +325,7 @@ TEST_SUITE("reference_hf_dump") {
   TEST_CASE("hf dump: tp 2 x pp 2 checkpoints and their logits") {
     const char* out = std::getenv("LIGHTRON_DUMP_DIR");
     REQUIRE_MESSAGE(out != nullptr, "set LIGHTRON_DUMP_DIR");
-    auto g = init_process_groups(Layout{2, 1, 1, 2});
+    auto g = init_process_groups(Layout().with_tp(2).with_pp(2));
     for (const auto& flavour : {GPTConfig::gpt2(), GPTConfig::llama()}) {
       const auto c = tiny_config(flavour, /*layers=*/4);
       const std::string name = hf_flavour(c);

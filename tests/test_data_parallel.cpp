@@ -8,7 +8,7 @@ using namespace lightron_testing;
 
 std::unique_ptr<ProcessGroups> dp_groups() {
   const int world = launch_env().world_size;
-  return init_process_groups(Layout{1, 1, world, 1});
+  return init_process_groups(Layout().with_dp(world));
 }
 
 void dp_parity(const GPTConfig& c, int64_t micro_batch, const std::string& impl) {
@@ -21,6 +21,57 @@ void dp_parity(const GPTConfig& c, int64_t micro_batch, const std::string& impl)
   auto run = run_training(c, train, o, *g);
   check_parity(ref, run);
 }
+
+// A researcher's own loop around BucketedDataParallel: forward, backward, finish(), the
+// optimizer, and nothing else (no reset, no set-up call per step). `mode` picks how the
+// gradients are cleared and accumulated.
+enum class UserLoop { kOneMicroBatch, kAccumulateWithGuard, kAccumulateWithoutGuard, kSetToNone };
+
+RunResult user_loop(const GPTConfig& c, const TrainConfig& t, const Group& dp, UserLoop mode) {
+  MockGPTDataset data(c.vocab_size, c.seq_length, /*num_samples=*/512, /*seed=*/t.seed);
+  DataSampler sampler(data.size(), t.global_batch_size, t.micro_batch_size, dp.rank, dp.size, t.seed);
+  torch::manual_seed(t.seed);
+  GPT model(c);
+  const auto named = named_parameters_of(model);
+  std::vector<torch::Tensor> params;
+  for (const auto& [name, p] : named) params.push_back(p);
+  AdamW optimizer(named, t);
+  BucketedDataParallel ddp(named, dp, /*bucket_elements=*/3000);
+  RunResult r;
+  for (int64_t it = 1; it <= t.train_iters; ++it) {
+    optimizer.zero_grad(/*set_to_none=*/mode == UserLoop::kSetToNone);
+    const auto micro_batches = sampler.next_global_batch();
+    auto loss = torch::zeros({}, torch::kDouble);
+    for (size_t m = 0; m < micro_batches.size(); ++m) {
+      BucketedDataParallel::NoSync no_sync;
+      if (mode != UserLoop::kAccumulateWithoutGuard && m + 1 < micro_batches.size()) no_sync = ddp.no_sync();
+      const Batch b = make_batch(data, micro_batches[m]);
+      auto micro_loss = model.loss(b.tokens, b.labels) / double(micro_batches.size());
+      micro_loss.backward();
+      loss += micro_loss.detach().to(torch::kDouble);
+    }
+    ddp.finish();
+    all_reduce(dp, loss, /*average=*/true);
+    const auto norm = grad_sq_norm(params).sqrt();
+    clip_grads(params, norm, t.clip_grad);
+    optimizer.step(lr_at(t, it));
+    r.losses.push_back(loss.item<double>());
+    r.grad_norms.push_back(norm.item<double>());
+  }
+  check_replicas(params, dp, t.train_iters);  // throws, naming a rank whose weights differ
+  for (const auto& [name, p] : named) r.params[name] = p.detach().clone();
+  return r;
+}
+
+void user_loop_parity(UserLoop mode) {
+  auto g = dp_groups();
+  const int64_t micro = mode == UserLoop::kOneMicroBatch ? 8 / g->dp.size : 1;
+  const auto train = tiny_train(/*global_batch=*/8, micro, /*iters=*/10);
+  const auto c = tiny_config(GPTConfig::gpt2());
+  auto ref = user_loop(c, train, Group{}, mode);  // one rank (a group of one): the whole batch
+  auto run = user_loop(c, train, g->dp, mode);
+  check_parity(ref, run);
+}
 }  // namespace test_dp_detail
 
 using namespace test_dp_detail;
@@ -31,6 +82,15 @@ TEST_SUITE("mpi_dp") {
   TEST_CASE("dp parity: naive, one micro-batch per rank") { dp_parity(tiny_config(GPTConfig::gpt2()), 8 / launch_env().world_size, "naive"); }
   TEST_CASE("dp parity: naive, with gradient accumulation") { dp_parity(tiny_config(GPTConfig::gpt2()), 1, "naive"); }
   TEST_CASE("dp parity: Llama flavour, bucketed with accumulation") { dp_parity(tiny_config(GPTConfig::llama()), 1, "bucketed"); }
+
+  TEST_CASE("dp user loop: forward, backward, finish(), optimizer; nothing else") { user_loop_parity(UserLoop::kOneMicroBatch); }
+  TEST_CASE("dp user loop: accumulation through no_sync()") { user_loop_parity(UserLoop::kAccumulateWithGuard); }
+  TEST_CASE("dp user loop: accumulation without no_sync() costs traffic, not correctness") {
+    user_loop_parity(UserLoop::kAccumulateWithoutGuard);
+  }
+  TEST_CASE("dp user loop: gradients cleared to none are moved back into the buckets") {
+    user_loop_parity(UserLoop::kSetToNone);
+  }
 
   TEST_CASE("dp accounting: gradients are all-reduced exactly once per optimizer step") {
     auto g = dp_groups();

@@ -8,7 +8,7 @@ using namespace lightron_testing;
 
 std::unique_ptr<ProcessGroups> groups_for(int64_t tp, int64_t dp) {
   const int world = launch_env().world_size;
-  return init_process_groups(Layout{tp, 1, dp, world / (tp * dp)});
+  return init_process_groups(Layout().with_tp(tp).with_dp(dp).with_pp(world / (tp * dp)));
 }
 
 // pp = world / (tp·dp); two layers per pipeline stage so that interleaving has 2 chunks.

@@ -3,17 +3,23 @@
 // groups, no ports); the mpirun tests are in test_data_parallel.cpp and later files.
 #include "testing.hpp"
 
+#include <netinet/in.h>  // sockaddr_in, ntohs
+#include <sys/socket.h>
+
 #include <thread>
 
 namespace test_pg_detail {
 using namespace lightron;
 
-LaunchEnv env_from(std::map<std::string, std::string> vars) {
-  return launch_env([&](const char* key) -> const char* {
+// A getenv that reads `vars` (and owns them).
+Getenv table_env(std::map<std::string, std::string> vars) {
+  return [vars = std::move(vars)](const char* key) -> const char* {
     auto it = vars.find(key);
     return it == vars.end() ? nullptr : it->second.c_str();
-  });
+  };
 }
+LaunchEnv env_from(std::map<std::string, std::string> vars) { return launch_env(table_env(std::move(vars))); }
+Master master_from(std::map<std::string, std::string> vars) { return master_endpoint(table_env(std::move(vars))); }
 
 // Runs body(rank, groups) on `world` threads, each a rank of `layout`.
 void on_threads(const Layout& layout, const std::function<void(int, ProcessGroups&)>& body) {
@@ -58,18 +64,84 @@ TEST_CASE("launch env: Open MPI, MPICH, Slurm, torchrun, and a plain process") {
   CHECK_THROWS_WITH(env_from({{"RANK", "4"}, {"WORLD_SIZE", "2"}}), doctest::Contains("outside world size 2"));
 }
 
+TEST_CASE("network: Slurm nodelists (compressed host lists) expand in order, keeping zero padding") {
+  using V = std::vector<std::string>;
+  CHECK(slurm_hosts("gpu3") == V{"gpu3"});
+  CHECK(slurm_hosts("a,b,c") == V{"a", "b", "c"});
+  CHECK(slurm_hosts("node[01-04,07],gpu3") == V{"node01", "node02", "node03", "node04", "node07", "gpu3"});
+  CHECK(slurm_hosts("node[8-11]") == V{"node8", "node9", "node10", "node11"});
+  CHECK(slurm_hosts("n[098-101]") == V{"n098", "n099", "n100", "n101"});
+  CHECK(slurm_hosts("a-[1-2]b") == V{"a-1b", "a-2b"});
+  CHECK(slurm_hosts("rack[1-2]-n[1,3]") == V{"rack1-n1", "rack1-n3", "rack2-n1", "rack2-n3"});
+  CHECK(slurm_hosts("x[5],y[1-2]") == V{"x5", "y1", "y2"});
+  for (const char* bad : {"", "node[01-", "node01-02]", "node[]", "node[3-1]", "node[a-b]", "node[1,]", "a,,b", "[1-2]",
+                          "n[[1]]", "n[1-9999999]"})
+    CHECK_MESSAGE(slurm_hosts(bad).empty(), "'" << bad << "' should not parse");
+}
+
+TEST_CASE("network: master address and port from MASTER_ADDR, the Slurm nodelist's first host, or this host") {
+  CHECK(master_from({}).addr == "127.0.0.1");
+  CHECK(master_from({}).port == 29500);
+  auto torchrun = master_from({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "10.0.0.7"}, {"MASTER_PORT", "1234"}});
+  CHECK((torchrun.addr == "10.0.0.7" && torchrun.port == 1234));
+  const std::map<std::string, std::string> slurm{{"SLURM_PROCID", "3"}, {"SLURM_NTASKS", "8"},
+                                                 {"SLURM_JOB_NODELIST", "node[07-08],gpu1"}};
+  CHECK(master_from(slurm).addr == "node07");
+  CHECK(master_from(slurm).port == 29500);
+  auto given = slurm;
+  given["MASTER_ADDR"] = "head";  // the user's choice wins
+  CHECK(master_from(given).addr == "head");
+  auto step = slurm;
+  step["SLURM_STEP_NODELIST"] = "node08";  // srun -r 1: the step starts on the second node
+  CHECK(master_from(step).addr == "node08");
+  auto old = slurm;
+  old.erase("SLURM_JOB_NODELIST");
+  old["SLURM_NODELIST"] = "c[3-4]";  // older Slurm
+  CHECK(master_from(old).addr == "c3");
+  // Open MPI and MPICH say nothing about hosts: a node list from an enclosing allocation is
+  // not theirs to use, so it stays this host unless MASTER_ADDR says otherwise.
+  CHECK(master_from({{"OMPI_COMM_WORLD_RANK", "0"}, {"OMPI_COMM_WORLD_SIZE", "2"}, {"SLURM_PROCID", "0"},
+                     {"SLURM_NTASKS", "1"}, {"SLURM_JOB_NODELIST", "node07"}})
+            .addr == "127.0.0.1");
+  auto broken = slurm;
+  broken["SLURM_JOB_NODELIST"] = "node[07-";
+  CHECK_THROWS_WITH_AS(master_from(broken),
+                       "environment variable SLURM_JOB_NODELIST='node[07-' is not a Slurm node list: set MASTER_ADDR "
+                       "to rank 0's host",
+                       UsageError);
+  CHECK_THROWS_WITH_AS(master_from({{"MASTER_PORT", "70000"}}),
+                       "environment variable MASTER_PORT='70000' is not a port number (1-65535)", UsageError);
+  CHECK_THROWS_AS(master_from({{"MASTER_PORT", "http"}}), UsageError);
+}
+
+TEST_CASE("network: this host's address towards the master, and a busy port") {
+  CHECK(local_address_towards("127.0.0.1", 29500) == "127.0.0.1");
+  // A port someone listens on is busy; once they close it, it is free again.
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in any{};
+  any.sin_family = AF_INET;  // port 0: the kernel picks a free one
+  socklen_t size = sizeof(any);
+  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&any), size) == 0);
+  REQUIRE(::listen(fd, 1) == 0);
+  REQUIRE(::getsockname(fd, reinterpret_cast<sockaddr*>(&any), &size) == 0);
+  const uint16_t port = ntohs(any.sin_port);
+  CHECK_FALSE(port_is_free(port));
+  ::close(fd);
+  CHECK(port_is_free(port));
+}
+
 TEST_CASE("layout: validation is a pure function with one-line errors") {
-  CHECK_NOTHROW(validate_layout(Layout{2, 1, 2, 2}, 8));
-  CHECK_THROWS_WITH_AS(validate_layout(Layout{2, 1, 2, 2}, 4),
+  CHECK_NOTHROW(validate_layout(Layout().with_tp(2).with_dp(2).with_pp(2), 8));
+  CHECK_THROWS_WITH_AS(validate_layout(Layout().with_tp(2).with_dp(2).with_pp(2), 4),
                        doctest::Contains("tensor (2) x context (1) x data (2) x pipeline (2) parallel sizes = 8 must "
                                          "equal the number of ranks (4)"),
                        UsageError);
-  CHECK_THROWS_WITH_AS(validate_layout(Layout{0, 1, 1, 1}, 0), "--tensor-model-parallel-size must be at least 1, got 0",
+  CHECK_THROWS_WITH_AS(validate_layout(Layout().with_tp(0), 0), "--tensor-model-parallel-size must be at least 1, got 0",
                        UsageError);
 }
 
 TEST_CASE("layout: tensor-parallel ranks innermost, pipeline outermost") {
-  Layout l{2, 1, 2, 2};
+  Layout l = Layout().with_tp(2).with_dp(2).with_pp(2);
   for (int64_t r = 0; r < 8; ++r) CHECK(rank_of(coords_of(r, l), l) == r);
   auto c = coords_of(5, l);  // 5 = 1 + 2·(0 + 1·(0 + 2·1))
   CHECK((c.tp == 1 && c.dp == 0 && c.pp == 1));
@@ -79,7 +151,7 @@ TEST_CASE("layout: tensor-parallel ranks innermost, pipeline outermost") {
 }
 
 TEST_CASE("groups: 8 ranks as 2x2x2 build the right sub-groups and neighbours") {
-  on_threads(Layout{2, 1, 2, 2}, [](int rank, ProcessGroups& g) {
+  on_threads(Layout().with_tp(2).with_dp(2).with_pp(2), [](int rank, ProcessGroups& g) {
     CHECK(g.tp.ranks == group_members(g.coords, g.layout, &Coords::tp, 2));
     CHECK(g.tp.rank == g.coords.tp);
     CHECK(g.pp.rank == g.coords.pp);
@@ -94,7 +166,7 @@ TEST_CASE("groups: 8 ranks as 2x2x2 build the right sub-groups and neighbours") 
 }
 
 TEST_CASE("collectives: portable average, all-gather and reduce-scatter give exact numbers") {
-  on_threads(Layout{4, 1, 1, 1}, [](int rank, ProcessGroups& g) {
+  on_threads(Layout().with_tp(4), [](int rank, ProcessGroups& g) {
     auto x = torch::full({2}, float(rank + 1));
     all_reduce(g.tp, x, /*average=*/true);  // (1 + 2 + 3 + 4) / 4
     CHECK(x[0].item<float>() == 2.5f);
@@ -113,7 +185,7 @@ TEST_CASE("collectives: portable average, all-gather and reduce-scatter give exa
 TEST_CASE("collectives: calls and bytes are counted per group and operation") {
   if (!kHaveGloo) return;  // on_threads says why
   comm_stats().reset();
-  on_threads(Layout{1, 1, 2, 1}, [](int, ProcessGroups& g) {
+  on_threads(Layout().with_dp(2), [](int, ProcessGroups& g) {
     auto x = torch::ones({10});
     all_reduce(g.dp, x);
     all_reduce(g.dp, x);

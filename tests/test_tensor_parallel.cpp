@@ -9,7 +9,7 @@ using namespace lightron_testing;
 
 std::unique_ptr<ProcessGroups> tp_groups(int64_t dp = 1) {
   const int world = launch_env().world_size;
-  return init_process_groups(Layout{world / dp, 1, dp, 1});
+  return init_process_groups(Layout().with_tp(world / dp).with_dp(dp));
 }
 
 // The same random tensor on every rank.

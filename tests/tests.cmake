@@ -20,6 +20,10 @@ lightron_mpi_test(mpi_pp_dp_np4 4 ${T} --test-suite=mpi_pp_dp)
 lightron_mpi_test(mpi_3d_np8 8 ${T} --test-suite=mpi_3d)
 
 add_test(NAME failure COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/failure_test.sh ${PROJECT_BINARY_DIR})
+# Two hosts on one machine (network namespaces joined by a veth pair): torchrun- and
+# Slurm-style launches across them train as one host does. Needs root: skipped (77) otherwise.
+add_test(NAME two_hosts COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/two_hosts_test.sh ${PROJECT_BINARY_DIR})
+set_tests_properties(two_hosts PROPERTIES SKIP_RETURN_CODE 77)
 
 # Stage 5, checkpoints: resharding and in-process resume (np 8 and 4); resume in new
 # processes, a crash mid-save and damaged files (script); HuggingFace export checked in Python.
@@ -44,3 +48,10 @@ set_tests_properties(tutorials PROPERTIES RUN_SERIAL ON)
 # writes its figures to notebooks/figures/. Serial: they launch up to 8 ranks at a time.
 add_test(NAME notebooks COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/run_notebooks.py --root ${PROJECT_SOURCE_DIR})
 set_tests_properties(notebooks PROPERTIES RUN_SERIAL ON)
+
+# Copying headers works as the README says: its per-header table matches the #include lines,
+# and each row, copied alone into an empty folder, compiles with plain g++ (data_parallel.hpp
+# also links and runs a one-rank Gloo group). Two compilers at a time, ~3 minutes.
+add_test(NAME header_sets COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/header_sets_check.py
+         --root ${PROJECT_SOURCE_DIR} --jobs 2)
+set_tests_properties(header_sets PROPERTIES TIMEOUT 900 PROCESSORS 2)

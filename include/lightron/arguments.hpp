@@ -165,6 +165,8 @@ inline void validate_arguments(Arguments& a, int64_t world_size) {
   require(a.layout.tp >= 1 && a.layout.pp >= 1 && a.layout.cp >= 1,
           "parallel sizes must be at least 1: --tensor-model-parallel-size {} --pipeline-model-parallel-size {} "
           "--context-parallel-size {}", a.layout.tp, a.layout.pp, a.layout.cp);
+  require(a.layout.cp == 1, "--context-parallel-size {} is not supported yet (context parallelism is a later chapter): "
+          "use 1", a.layout.cp);
   const int64_t model_parallel = a.layout.tp * a.layout.pp * a.layout.cp;
   if (a.layout.dp == 0) {
     require(world_size % model_parallel == 0,

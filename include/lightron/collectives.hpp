@@ -92,7 +92,7 @@ inline std::function<std::string()>& describe_lost_ranks() {
 
 // A pending operation: wait() finishes it, checks for failure and records its time.
 struct Pending {
-  const Group* group = nullptr;
+  Group group;  // a copy (a name, the members and a shared backend): nothing to dangle
   std::string op;
   c10::intrusive_ptr<c10d::Work> work;
   int64_t bytes = 0;
@@ -103,10 +103,10 @@ struct Pending {
     try {
       work->wait();
     } catch (const std::exception& e) {
-      fail_collective(*group, op, e.what());
+      fail_collective(group, op, e.what());
     }
     work.reset();
-    comm_stats().add(group->name, op, bytes, timer.seconds());
+    comm_stats().add(group.name, op, bytes, timer.seconds());
     if (then) then();
   }
 };
@@ -114,7 +114,7 @@ struct Pending {
 template <typename Launch>
 inline Pending launch(const Group& g, const std::string& op, int64_t bytes, Launch&& start) {
   Pending p;
-  p.group = &g;
+  p.group = g;
   p.op = op;
   p.bytes = bytes;
   try {

@@ -3,6 +3,17 @@
 // autocast, and CUDA memory statistics. Everything else is written once for both.
 #pragma once
 
+// Gloo, the CPU backend for several ranks. c10d's ProcessGroupGloo.hpp compiles to nothing
+// unless USE_C10D_GLOO is defined: CMake's `torch` target defines it, a plain `g++` does not.
+// Define it here, before any torch header, when both that header and Gloo's own headers
+// (Debian: libgloo-dev) are on the include path. A pip LibTorch 2.x ships the first without
+// the second: then nothing changes, as when the build system already defines it. (The c10d
+// headers need no USE_DISTRIBUTED.)
+#if !defined(USE_C10D_GLOO) && __has_include(<gloo/algorithm.h>) && \
+    __has_include(<torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>)
+#define USE_C10D_GLOO 1
+#endif
+
 #include <torch/torch.h>
 #include <torch/version.h>
 
@@ -18,6 +29,18 @@
 #include <ATen/autocast_mode.h>
 
 namespace lightron {
+
+// Why this build has no Gloo path ("" when it has one), for the error a multi-rank CPU run
+// raises: the fix differs for each reason.
+#if !__has_include(<torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>)
+inline constexpr const char* kNoGlooReason = "this LibTorch has no c10d/ProcessGroupGloo.hpp";
+#elif !__has_include(<gloo/algorithm.h>)
+inline constexpr const char* kNoGlooReason =
+    "Gloo's headers (gloo/algorithm.h) are not on the include path: install libgloo-dev (Debian) or add them "
+    "with -I";
+#else
+inline constexpr const char* kNoGlooReason = "";
+#endif
 
 #if TORCH_VERSION_MAJOR >= 2
 using BackendPtr = c10::intrusive_ptr<c10d::Backend>;  // Gloo/NCCL derive from Backend in 2.x

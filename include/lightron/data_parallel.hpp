@@ -8,7 +8,8 @@
 //     elements each). A hook on each parameter's gradient accumulator counts the gradients
 //     that are ready; when a bucket is complete its all-reduce starts right away, while
 //     backward is still computing earlier layers' gradients. finish() waits before the
-//     optimizer step. With gradient accumulation only the last micro-batch communicates.
+//     optimizer step. With gradient accumulation, backward inside no_sync() only accumulates
+//     and the last micro-batch communicates.
 // Also: check_replicas, which hashes the parameters and names a replica that diverged.
 // Leaves out: ZeRO (sharding the optimizer state). Introduced in tutorial stage 1.
 #pragma once
@@ -26,81 +27,186 @@ inline void all_reduce_gradients(const std::vector<torch::Tensor>& params, const
     if (p.grad().defined()) all_reduce(dp, p.grad(), /*average=*/true);
 }
 
+// Gradients live in flat buckets and each bucket's all-reduce starts as soon as backward has
+// produced all of its gradients. Use, as PyTorch's DDP:
+//     BucketedDataParallel ddp(named_parameters_of(model), groups->dp, bucket_elements);
+//     for each micro-batch m:                 // gradient accumulation is explicit
+//       BucketedDataParallel::NoSync no_sync;
+//       if (m + 1 < micro_batches) no_sync = ddp.no_sync();  // earlier ones only accumulate
+//       loss_m.backward();                    // the last one starts the all-reduces
+//     ddp.finish();                           // gradients averaged over dp; ready for the next step
+// The wrapper keeps no state across steps that the loop must reset: finish() re-arms it. A
+// gradient set to none (zero_grad(set_to_none=true)) or replaced is moved back into its bucket
+// by the hook; a backward without no_sync() waits for that bucket's previous all-reduce, so
+// it costs communication, never correctness. Every rank must produce gradients for the same
+// parameters in the same order (as DDP without find_unused_parameters).
 class BucketedDataParallel {
+  struct State;
+
  public:
+  using NamedParams = std::vector<std::pair<std::string, torch::Tensor>>;
+
   // `params` in the model's order; buckets are filled from the last parameter backwards,
-  // the order in which backward produces their gradients.
-  BucketedDataParallel(const std::vector<torch::Tensor>& params, const Group& dp, int64_t bucket_elements)
-      : dp_(dp) {
+  // the order in which backward produces their gradients. The group is copied.
+  BucketedDataParallel(const NamedParams& params, const Group& dp, int64_t bucket_elements)
+      : state_(std::make_shared<State>()) {
     require(bucket_elements > 0, "--ddp-bucket-size must be positive, got {}", bucket_elements);
+    state_->dp = dp;
+    auto& buckets = state_->buckets;
     for (auto it = params.rbegin(); it != params.rend(); ++it) {
-      if (buckets_.empty() || buckets_.back().elements + it->numel() > bucket_elements) buckets_.emplace_back();
-      buckets_.back().params.push_back(*it);
-      buckets_.back().elements += it->numel();
+      const auto& [name, p] = *it;
+      require(p.is_leaf() && p.requires_grad(), "BucketedDataParallel: parameter '{}' is not a leaf tensor that "
+              "requires grad", name);
+      if (buckets.empty() || buckets.back().elements + p.numel() > bucket_elements) buckets.emplace_back();
+      buckets.back().names.push_back(name);
+      buckets.back().params.push_back(p);
+      buckets.back().elements += p.numel();
     }
-    for (size_t b = 0; b < buckets_.size(); ++b) {
-      auto& bucket = buckets_[b];
+    std::weak_ptr<State> weak = state_;
+    for (size_t b = 0; b < buckets.size(); ++b) {
+      auto& bucket = buckets[b];
       bucket.flat = torch::zeros({bucket.elements}, bucket.params[0].options());
+      bucket.ready.assign(bucket.params.size(), false);
       int64_t offset = 0;
-      for (auto& p : bucket.params) {
+      for (size_t i = 0; i < bucket.params.size(); ++i) {
+        auto& p = bucket.params[i];
         // The gradient is a view into the bucket: autograd accumulates into it in place.
-        p.mutable_grad() = bucket.flat.narrow(0, offset, p.numel()).view_as(p);
+        bucket.views.push_back(bucket.flat.narrow(0, offset, p.numel()).view_as(p));
+        p.mutable_grad() = bucket.views.back();
         offset += p.numel();
         auto accumulator = torch::autograd::impl::grad_accumulator(p);
-        accumulator->add_post_hook(std::make_unique<ReadyHook>(this, b));
+        accumulator->add_pre_hook(std::make_unique<Hook>(weak, b, i, /*before=*/true));
+        accumulator->add_post_hook(std::make_unique<Hook>(weak, b, i, /*before=*/false));
         accumulators_.push_back(accumulator);  // the parameter only holds it weakly
       }
     }
   }
+  BucketedDataParallel(const std::vector<torch::Tensor>& params, const Group& dp, int64_t bucket_elements)
+      : BucketedDataParallel(numbered(params), dp, bucket_elements) {}
   BucketedDataParallel(const BucketedDataParallel&) = delete;
   BucketedDataParallel& operator=(const BucketedDataParallel&) = delete;
 
-  // Call before each micro-batch's backward: communicate only after the last one.
-  void set_sync(bool sync) {
-    sync_ = sync;
-    for (auto& bucket : buckets_) bucket.ready = 0;
-  }
+  // While a NoSync from no_sync() lives, backward only accumulates into the buckets; the
+  // first backward after it communicates. A default-constructed NoSync does nothing.
+  class NoSync {
+   public:
+    NoSync() = default;
+    NoSync(NoSync&& other) noexcept : state_(std::move(other.state_)) {}
+    NoSync& operator=(NoSync&& other) noexcept {
+      release();
+      state_ = std::move(other.state_);
+      return *this;
+    }
+    ~NoSync() { release(); }
 
-  // Before the optimizer step: launch buckets that never filled (unused parameters), then
-  // wait for every all-reduce. Gradients are then averaged over the dp group.
+   private:
+    friend class BucketedDataParallel;
+    explicit NoSync(std::shared_ptr<State> s) : state_(std::move(s)) { state_->sync = false; }
+    void release() {
+      if (state_) state_->sync = true;
+      state_.reset();
+    }
+    std::shared_ptr<State> state_;
+  };
+  NoSync no_sync() { return NoSync(state_); }
+
+  // Before the optimizer step: bring every gradient into its bucket (a parameter that got no
+  // gradient this step counts as zero), launch the buckets that backward did not, wait for
+  // all of them. Gradients are then averaged over the dp group, and the wrapper is re-armed.
   void finish() {
-    for (auto& bucket : buckets_)
-      if (!bucket.pending.work && bucket.ready < bucket.params.size()) launch(bucket);
-    for (auto& bucket : buckets_) bucket.pending.wait();
+    for (auto& bucket : state_->buckets) {
+      for (size_t i = 0; i < bucket.params.size(); ++i)
+        if (!bucket.ready[i]) adopt(bucket, i, /*absent_is_zero=*/true);
+      if (!bucket.pending.work) launch(bucket);
+    }
+    for (auto& bucket : state_->buckets) {
+      bucket.pending.wait();
+      bucket.ready.assign(bucket.params.size(), false);
+      bucket.num_ready = 0;
+    }
   }
 
-  size_t num_buckets() const { return buckets_.size(); }
+  size_t num_buckets() const { return state_->buckets.size(); }
 
  private:
   struct Bucket {
-    std::vector<torch::Tensor> params;
+    std::vector<std::string> names;
+    std::vector<torch::Tensor> params, views;
     int64_t elements = 0;
     torch::Tensor flat;
-    size_t ready = 0;
+    std::vector<bool> ready;  // gradient complete for this step's communication
+    size_t num_ready = 0;
     Pending pending;
   };
+  struct State {
+    Group dp;
+    std::vector<Bucket> buckets;
+    bool sync = true;
+  };
 
-  struct ReadyHook : torch::autograd::FunctionPostHook {
-    BucketedDataParallel* self;
-    size_t bucket;
-    ReadyHook(BucketedDataParallel* s, size_t b) : self(s), bucket(b) {}
+  // Runs on the parameter's gradient accumulator. Before accumulating: an all-reduce still
+  // in flight on this bucket (a backward without no_sync) finishes first, and the bucket
+  // starts counting afresh. After: the gradient is made (again) a view of the bucket, and
+  // when the bucket is complete its all-reduce starts.
+  struct Hook : torch::autograd::FunctionPreHook, torch::autograd::FunctionPostHook {
+    std::weak_ptr<State> state;
+    size_t bucket, index;
+    bool before;
+    Hook(std::weak_ptr<State> s, size_t b, size_t i, bool pre) : state(std::move(s)), bucket(b), index(i), before(pre) {}
+    torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
+      if (auto s = state.lock()) {
+        auto& bk = s->buckets[bucket];
+        if (bk.pending.work) {
+          bk.pending.wait();
+          bk.ready.assign(bk.params.size(), false);
+          bk.num_ready = 0;
+        }
+      }
+      return grads;
+    }
     torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
                                               const torch::autograd::variable_list& /*inputs*/) override {
-      self->on_ready(bucket);
+      auto s = state.lock();
+      if (!s) return outputs;  // the wrapper is gone: plain local gradients
+      auto& bk = s->buckets[bucket];
+      adopt(bk, index, /*absent_is_zero=*/false);
+      if (s->sync && !bk.ready[index]) {
+        bk.ready[index] = true;
+        if (++bk.num_ready == bk.params.size()) bk.pending = all_reduce_async(s->dp, bk.flat, /*average=*/true);
+      }
       return outputs;
     }
   };
 
-  void on_ready(size_t b) {
-    auto& bucket = buckets_[b];
-    if (sync_ && ++bucket.ready == bucket.params.size()) launch(bucket);
+  // Makes parameter i's gradient the bucket's view again: a gradient that autograd allocated
+  // afresh (after set-to-none) or that the caller replaced is copied in; none means zero.
+  static void adopt(Bucket& bucket, size_t i, bool absent_is_zero) {
+    torch::NoGradGuard no_grad;
+    auto& p = bucket.params[i];
+    auto& view = bucket.views[i];
+    const auto& grad = p.grad();
+    if (grad.defined() && grad.data_ptr() == view.data_ptr() && grad.sizes() == view.sizes()) return;
+    if (grad.defined()) {
+      require(grad.sizes() == view.sizes(), "BucketedDataParallel: the gradient of '{}' has shape {}, the parameter {}",
+              bucket.names[i], c10::str(grad.sizes()), c10::str(view.sizes()));
+      view.copy_(grad);
+    } else if (absent_is_zero) {
+      view.zero_();
+    } else {
+      return;
+    }
+    p.mutable_grad() = view;
   }
-  void launch(Bucket& bucket) { bucket.pending = all_reduce_async(dp_, bucket.flat, /*average=*/true); }
+  void launch(Bucket& bucket) { bucket.pending = all_reduce_async(state_->dp, bucket.flat, /*average=*/true); }
 
-  const Group& dp_;
-  std::vector<Bucket> buckets_;
+  static NamedParams numbered(const std::vector<torch::Tensor>& params) {
+    NamedParams out;
+    for (size_t i = 0; i < params.size(); ++i) out.emplace_back(fmt::format("parameter {}", i), params[i]);
+    return out;
+  }
+
+  std::shared_ptr<State> state_;  // shared with the hooks (weakly) and with a live NoSync
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;
-  bool sync_ = true;
 };
 
 // FNV-1a over the parameters' bytes: equal replicas hash equally.

@@ -12,6 +12,7 @@
 #include "generate.hpp"           // sampling text                         (stage 0)
 #include "collectives.hpp"        // counted, portable collectives         (stage 1)
 #include "resilience.hpp"         // heartbeats, naming a lost rank        (stage 1)
+#include "network.hpp"            // own interface, free port, Slurm hosts (stage 1)
 #include "process_groups.hpp"     // launcher env, rendezvous, rank grid   (stage 1)
 #include "data_parallel.hpp"      // gradient all-reduce in buckets        (stage 1)
 #include "tensor_parallel.hpp"    // f, g, column/row/vocab-parallel layers (stage 2)

@@ -103,7 +103,8 @@ struct PipelineEvent {
 
 class PipelineEngine {
  public:
-  PipelineEngine(PipelineStage& stage, ProcessGroups& g, int64_t hidden, int64_t seq_divisor)
+  // Keeps copies of the stage (it shares the model) and of the groups: nothing to dangle.
+  PipelineEngine(const PipelineStage& stage, const ProcessGroups& g, int64_t hidden, int64_t seq_divisor)
       : stage_(stage), g_(g), hidden_(hidden), seq_divisor_(seq_divisor) {}
 
   // Forward (and backward, if `train`) of every micro-batch; returns the mean loss over
@@ -234,8 +235,8 @@ class PipelineEngine {
     return w;
   }
 
-  PipelineStage& stage_;
-  ProcessGroups& g_;
+  PipelineStage stage_;
+  ProcessGroups g_;
   int64_t hidden_, seq_divisor_;
   std::vector<std::vector<torch::Tensor>> inputs_, outputs_;
   std::vector<Pending> sends_;

@@ -3,17 +3,19 @@
 //   1. rank, world size and local rank from the launcher's environment (Open MPI, MPICH,
 //      Slurm, torchrun; a plain process is a world of 1). lightron never links MPI:
 //      mpirun only starts the processes;
-//   2. a rendezvous through a c10d TCPStore at MASTER_ADDR:MASTER_PORT that names the ranks
-//      that never arrived;
+//   2. a rendezvous through a c10d TCPStore at MASTER_ADDR:MASTER_PORT (under Slurm, the
+//      allocation's first host by default) that names the ranks that never arrived;
 //   3. the grid world = tp × cp × dp × pp, tensor-parallel ranks innermost (neighbours share a
 //      node's fast links) and pipeline outermost, as Megatron-LM:
 //          rank = tp_rank + tp·(cp_rank + cp·(dp_rank + dp·pp_rank));
 //   4. one Gloo (CPU) or NCCL (CUDA) communicator per group this rank belongs to, each under
-//      its own store prefix, created in the same order on every rank.
+//      its own store prefix, created in the same order on every rank; Gloo listens on this
+//      host's own interface (network.hpp finds it), so ranks may span hosts.
 // Leaves out: elastic membership changes. Introduced in tutorial stage 1.
 #pragma once
 
 #include "collectives.hpp"
+#include "network.hpp"     // this host's address towards the master; Slurm node lists
 #include "resilience.hpp"  // heartbeats: who is lost when a collective fails
 
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
@@ -44,8 +46,12 @@ struct LaunchEnv {
   std::string launcher = "single process";
 };
 
-// Reads the launcher's variables; `get` is std::getenv, or a table in the unit tests.
-inline LaunchEnv launch_env(const std::function<const char*(const char*)>& get = [](const char* k) { return std::getenv(k); }) {
+// Reads an environment variable: std::getenv, or a table in the unit tests.
+using Getenv = std::function<const char*(const char*)>;
+inline const char* process_env(const char* key) { return std::getenv(key); }
+
+// Reads the launcher's variables.
+inline LaunchEnv launch_env(const Getenv& get = process_env) {
   struct Names { const char *launcher, *rank, *size, *local; };
   const Names launchers[] = {{"Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"},
                              {"MPICH/Hydra", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"},
@@ -69,8 +75,49 @@ inline LaunchEnv launch_env(const std::function<const char*(const char*)>& get =
   return LaunchEnv{};
 }
 
+// Where rank 0 hosts the rendezvous store.
+struct Master {
+  std::string addr;
+  uint16_t port = 29500;
+};
+
+// MASTER_ADDR and MASTER_PORT, as torchrun sets them. Without MASTER_ADDR: under Slurm the
+// first host of the step (srun starts task 0 there), otherwise this host. Open MPI and MPICH
+// tell their ranks nothing of the kind: across hosts they need MASTER_ADDR.
+inline Master master_endpoint(const Getenv& get = process_env) {
+  Master m{"127.0.0.1"};
+  if (const char* port = get("MASTER_PORT")) {
+    char* end = nullptr;
+    const long value = std::strtol(port, &end, 10);
+    require(*port != '\0' && *end == '\0' && value >= 1 && value <= 65535,
+            "environment variable MASTER_PORT='{}' is not a port number (1-65535)", port);
+    m.port = static_cast<uint16_t>(value);
+  }
+  if (const char* addr = get("MASTER_ADDR"); addr != nullptr && *addr != '\0') {
+    m.addr = addr;
+  } else if (launch_env(get).launcher == "Slurm") {
+    for (const char* key : {"SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"}) {
+      const char* list = get(key);
+      if (list == nullptr) continue;
+      const auto hosts = slurm_hosts(list);
+      require(!hosts.empty(), "environment variable {}='{}' is not a Slurm node list: set MASTER_ADDR to rank 0's host",
+              key, list);
+      m.addr = hosts.front();
+      break;
+    }
+  }
+  return m;
+}
+
+// The grid's sizes, built by name: Layout().with_tp(2).with_dp(2). There is no positional
+// constructor, so Layout{1, 2} (which would have meant tp 1, cp 2) does not compile.
 struct Layout {
   int64_t tp = 1, cp = 1, dp = 1, pp = 1;
+  Layout() {}  // user-provided: Layout is not an aggregate
+  Layout& with_tp(int64_t n) { return tp = n, *this; }
+  Layout& with_cp(int64_t n) { return cp = n, *this; }
+  Layout& with_dp(int64_t n) { return dp = n, *this; }
+  Layout& with_pp(int64_t n) { return pp = n, *this; }
   int64_t world() const { return tp * cp * dp * pp; }
 };
 
@@ -80,6 +127,8 @@ inline void validate_layout(const Layout& l, int64_t world_size) {
   require(l.cp >= 1, "--context-parallel-size must be at least 1, got {}", l.cp);
   require(l.dp >= 1, "--data-parallel-size must be at least 1, got {}", l.dp);
   require(l.pp >= 1, "--pipeline-model-parallel-size must be at least 1, got {}", l.pp);
+  require(l.cp == 1, "--context-parallel-size {} is not supported yet (context parallelism is a later chapter): use 1",
+          l.cp);
   require(l.world() == world_size,
           "tensor ({}) x context ({}) x data ({}) x pipeline ({}) parallel sizes = {} must equal the number of "
           "ranks ({}); launch with mpirun -np {} or change the sizes",
@@ -99,6 +148,27 @@ struct GroupOptions {
   bool cuda = false;                         // NCCL for CUDA tensors, Gloo otherwise
 };
 
+#ifdef LIGHTRON_HAVE_GLOO
+// Each rank's Gloo device listens on an address of its own host: the interface named by
+// GLOO_SOCKET_IFNAME (the first of a comma-separated list, as PyTorch), else the one that the
+// route to MASTER_ADDR leaves by. MASTER_ADDR itself is a local address on rank 0's host only.
+inline std::shared_ptr<::gloo::transport::Device> gloo_device() {
+  const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
+  const std::string interface = ifname ? std::string(ifname).substr(0, std::string(ifname).find(',')) : "";
+  try {
+    if (!interface.empty()) return c10d::ProcessGroupGloo::createDeviceForInterface(interface);
+    const Master master = master_endpoint();
+    return c10d::ProcessGroupGloo::createDeviceForHostname(local_address_towards(master.addr, master.port));
+  } catch (const UsageError&) {
+    throw;
+  } catch (const std::exception& e) {  // about this host: this rank says it
+    throw RuntimeFailure(fmt::format("rank {}: no network device for Gloo{}: {}", global_rank(),
+                                     interface.empty() ? "" : fmt::format(" (GLOO_SOCKET_IFNAME={})", ifname),
+                                     first_line(e.what())));
+  }
+}
+#endif
+
 inline BackendPtr make_backend(const c10::intrusive_ptr<c10d::Store>& store, const std::string& prefix, int rank,
                                int size, const GroupOptions& opt) {
   auto prefixed = c10::make_intrusive<c10d::PrefixStore>(prefix, store);
@@ -112,8 +182,7 @@ inline BackendPtr make_backend(const c10::intrusive_ptr<c10d::Store>& store, con
   require(!opt.cuda, "--device cuda with several ranks needs NCCL (nccl.h and a LibTorch built with it)");
 #ifdef LIGHTRON_HAVE_GLOO
   auto gloo = c10d::ProcessGroupGloo::Options::create(opt.timeout);
-  const char* addr = std::getenv("MASTER_ADDR");
-  gloo->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(addr ? addr : "127.0.0.1"));
+  gloo->devices.push_back(gloo_device());
   return c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, gloo);
 #else
   (void)prefixed;
@@ -183,16 +252,37 @@ inline void set_rank_prefix(const ProcessGroups& g) {
                                                 g.coords.pp);
 }
 
+// Ends the process with `message` unless disarmed within `limit`: for waits that c10d does
+// not bound itself.
+struct Watchdog {
+  std::atomic<bool> disarmed{false};
+  std::thread thread;
+  Watchdog(std::chrono::milliseconds limit, std::string message) {
+    thread = std::thread([this, limit, message] {
+      const Timer timer;
+      while (!disarmed && timer.seconds() * 1000 < double(limit.count()))
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      if (disarmed) return;
+      fmt::print(stderr, "error: {}\n", message);
+      std::fflush(stderr);
+      std::_Exit(1);
+    });
+  }
+  ~Watchdog() {
+    disarmed = true;
+    thread.join();
+  }
+};
+
 // The launcher's ranks meet at MASTER_ADDR:MASTER_PORT; rank 0 hosts the TCPStore (unless
 // torchrun's agent already does). Waits for everybody and names whoever never arrived.
 // Done once per process; later calls return the same store.
 inline c10::intrusive_ptr<c10d::Store> rendezvous(const LaunchEnv& env, const GroupOptions& opt) {
   static c10::intrusive_ptr<c10d::Store> store;
   if (store) return store;
-  const char* addr_env = std::getenv("MASTER_ADDR");
-  const char* port_env = std::getenv("MASTER_PORT");
-  const std::string host = addr_env ? addr_env : "127.0.0.1";
-  const uint16_t port = static_cast<uint16_t>(port_env ? std::atoi(port_env) : 29500);
+  const Master master = master_endpoint();
+  const std::string& host = master.addr;
+  const uint16_t port = master.port;
   const char* agent = std::getenv("TORCHELASTIC_USE_AGENT_STORE");
   c10d::TCPStoreOptions o;
   o.port = port;
@@ -200,15 +290,35 @@ inline c10::intrusive_ptr<c10d::Store> rendezvous(const LaunchEnv& env, const Gr
   o.numWorkers = env.world_size;
   o.waitWorkers = false;
   o.timeout = opt.timeout;
+  // 1.13's store fails at once on a busy port, but says so in three log lines about sockets
+  // and an exception that reads like an unreachable rank 0. Say what it is, before trying.
+  const auto port_taken = [&] {
+    return UsageError(fmt::format("MASTER_PORT {} is already in use on {} (another job?): set MASTER_PORT to a free "
+                                  "port",
+                                  port, host));
+  };
+  if (o.isServer && !port_is_free(port)) throw port_taken();
+  // A client whose MASTER_PORT belongs to another program (another job) is accepted by it and
+  // then waits for an answer with no time limit. The arrival loop's deadline counts from here
+  // too, so that it gives up (naming who is missing) before the watchdog.
+  const Timer waited;
+  const Watchdog watchdog(opt.timeout + std::chrono::seconds(5),
+                          fmt::format("rank {}: no answer from the rendezvous store at {}:{} within {} s: is rank 0 "
+                                      "running, and is MASTER_PORT {} its store's (not another program's)?",
+                                      env.rank, host, port, opt.timeout.count() / 1000 + 5, port));
   try {
     store = c10::make_intrusive<c10d::TCPStore>(host, o);
   } catch (const std::exception& e) {
+    if (o.isServer && !port_is_free(port)) throw port_taken();  // taken since the check
+    if (o.isServer)
+      throw RuntimeFailure(fmt::format("rank 0: cannot host the rendezvous store on port {} ({})", port,
+                                       first_line(e.what())));
     throw RuntimeFailure(fmt::format("rank {}: cannot reach the rendezvous store at {}:{} within {} s ({}); is rank 0 "
-                                     "running, and are MASTER_ADDR/MASTER_PORT the same on every rank?",
+                                     "running, is MASTER_ADDR its host (not 127.0.0.1 across hosts), and are "
+                                     "MASTER_ADDR/MASTER_PORT the same on every rank?",
                                      env.rank, host, port, opt.timeout.count() / 1000, first_line(e.what())));
   }
   store->set(fmt::format("lightron/arrived/{}", env.rank), std::vector<uint8_t>{1});
-  const Timer waited;
   for (;;) {
     std::vector<int> missing;
     for (int r = 0; r < env.world_size; ++r)

@@ -13,13 +13,37 @@
 #include "collectives.hpp"
 #include "gpt.hpp"
 
+#include <deque>
+#include <mutex>
+
 namespace lightron {
 
 namespace tp_detail {
-// Autograd contexts hold IValues; the group outlives every graph, so its address will do.
-inline c10::IValue hold(const Group& g) { return c10::IValue(reinterpret_cast<int64_t>(&g)); }
+// Autograd contexts hold only IValues, so a graph names its group by a number: the index of
+// a copy kept for the life of the process (a program has a handful of groups). A graph or a
+// layer can then outlive the ProcessGroups it was built from without a dangling reference.
+struct HeldGroups {
+  std::mutex mutex;
+  std::deque<Group> groups;  // a deque: elements never move as it grows
+};
+inline HeldGroups& held_groups() {
+  static HeldGroups held;
+  return held;
+}
+inline c10::IValue hold(const Group& g) {
+  auto& held = held_groups();
+  std::lock_guard<std::mutex> lock(held.mutex);
+  for (size_t i = 0; i < held.groups.size(); ++i) {
+    const Group& h = held.groups[i];
+    if (h.pg == g.pg && h.name == g.name && h.ranks == g.ranks) return c10::IValue(int64_t(i));
+  }
+  held.groups.push_back(g);
+  return c10::IValue(int64_t(held.groups.size() - 1));
+}
 inline const Group& group(torch::autograd::AutogradContext* ctx) {
-  return *reinterpret_cast<const Group*>(ctx->saved_data["group"].toInt());
+  auto& held = held_groups();
+  std::lock_guard<std::mutex> lock(held.mutex);
+  return held.groups.at(size_t(ctx->saved_data["group"].toInt()));
 }
 inline torch::Tensor my_slice(const Group& g, const torch::Tensor& t, int64_t dim) {
   return t.chunk(g.size, dim)[g.rank].contiguous();
@@ -119,7 +143,7 @@ inline torch::Tensor scatter_to_sp_region(const torch::Tensor& x, const Group& g
 // output stays split unless gather_output.
 struct ColumnParallelLinear : LinearLayer {
   torch::Tensor weight, bias;  // (out/p, in), (out/p)
-  const Group& tp;
+  Group tp;  // held by value: a layer never refers to groups that may be gone
   bool sequence_parallel, gather_output;
   ColumnParallelLinear(torch::Tensor w, torch::Tensor b, const Group& g, bool sp, bool gather = false)
       : tp(g), sequence_parallel(sp), gather_output(gather) {
@@ -137,7 +161,7 @@ struct ColumnParallelLinear : LinearLayer {
 // Y = Σ_i X_i A_i through g (or a reduce-scatter along T), then b added once.
 struct RowParallelLinear : LinearLayer {
   torch::Tensor weight, bias;  // (out, in/p), (out) replicated
-  const Group& tp;
+  Group tp;
   bool sequence_parallel;
   RowParallelLinear(torch::Tensor w, torch::Tensor b, const Group& g, bool sp) : tp(g), sequence_parallel(sp) {
     weight = register_parameter("weight", w);
@@ -153,7 +177,7 @@ struct RowParallelLinear : LinearLayer {
 // Rows [start, start + V/p) of the embedding on each rank; ids outside the range give zero
 // vectors, and g (all-reduce) adds the ranks' vectors up.
 struct VocabParallelEmbedding : Embedding {
-  const Group& tp;
+  Group tp;
   int64_t vocab_start;
   VocabParallelEmbedding(torch::Tensor w, const Group& g) : tp(g), vocab_start(w.size(0) * g.rank) {
     weight = register_parameter("weight", w);

@@ -80,7 +80,7 @@ inline void validate_tensor_parallel(const GPTConfig& c, int64_t tp, bool sequen
 // Learned positions under sequence parallel: each rank adds the rows of its part of T.
 // The table is replicated, so its gradient is summed across the tp group afterwards.
 struct SequenceShardedPositions : Embedding {
-  const Group& tp;
+  Group tp;
   SequenceShardedPositions(torch::Tensor w, const Group& g) : tp(g) { weight = register_parameter("weight", w); }
   torch::Tensor forward(const torch::Tensor& positions) override {
     const int64_t part = positions.size(0) / tp.size;
@@ -93,7 +93,7 @@ struct SequenceShardedPositions : Embedding {
 struct VocabParallelHead : LinearLayer {
   std::shared_ptr<Embedding> tied;  // wte when tied, else null
   torch::Tensor weight;             // (V/p, C) when untied
-  const Group& tp;
+  Group tp;
   bool sequence_parallel;
   VocabParallelHead(std::shared_ptr<Embedding> wte, torch::Tensor w, const Group& g, bool sp)
       : tied(std::move(wte)), tp(g), sequence_parallel(sp) {
@@ -161,11 +161,11 @@ inline TensorParallelInfo apply_tensor_parallel(GPT& model, const Group& tp, boo
     model.lm_head = model.replace_module(
         "lm_head", std::make_shared<VocabParallelHead>(nullptr, part("lm_head.weight", full->weight), tp, sequence_parallel));
   }
-  model.loss_fn = [&tp](const torch::Tensor& logits, const torch::Tensor& labels) {
+  model.loss_fn = [tp](const torch::Tensor& logits, const torch::Tensor& labels) {
     return vocab_parallel_cross_entropy(logits, labels, tp);
   };
   if (sequence_parallel) {
-    model.sequence_scatter = [&tp](const torch::Tensor& x) { return scatter_to_sp_region(x, tp); };
+    model.sequence_scatter = [tp](const torch::Tensor& x) { return scatter_to_sp_region(x, tp); };
     for (auto& p : model.named_parameters())  // replicated, but each rank saw only its part of T
       if (!info.sharded.count(p.key())) info.sequence_parallel_params.push_back(p.value());
   }

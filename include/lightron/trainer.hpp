@@ -33,7 +33,8 @@ struct ParallelOptions {
 
 class Trainer {
  public:
-  Trainer(const GPTConfig& model_config, const TrainConfig& train, const ParallelOptions& options, ProcessGroups& groups)
+  Trainer(const GPTConfig& model_config, const TrainConfig& train, const ParallelOptions& options,
+          const ProcessGroups& groups)
       : train_(train), options_(options), groups_(groups) {
     const auto& l = groups.layout;
     validate_pipeline(model_config.num_layers, l.pp, options.layers_per_virtual_stage,
@@ -55,7 +56,7 @@ class Trainer {
     }), sp.end());
     optimizer = std::make_unique<AdamW>(named_params, train);
     if (options.ddp_impl == "bucketed" && groups.dp.size > 1)
-      ddp = std::make_unique<BucketedDataParallel>(params, groups.dp, options.ddp_bucket_size);
+      ddp = std::make_unique<BucketedDataParallel>(named_params, groups.dp, options.ddp_bucket_size);
     else
       for (auto& p : params) p.mutable_grad() = torch::zeros_like(p);
   }
@@ -207,13 +208,15 @@ class Trainer {
 
   torch::Tensor forward_backward(const std::vector<Batch>& micro_batches) {
     if (stage.pp_size > 1) {
-      if (ddp) ddp->set_sync(false);  // buckets are all-reduced in finish(), after the last backward
+      BucketedDataParallel::NoSync no_sync;  // buckets are all-reduced in finish(), after the last backward
+      if (ddp) no_sync = ddp->no_sync();
       return engine->run(micro_batches, options_.pipeline_schedule, /*train=*/true);
     }
     auto total = scalar();
     const double n = double(micro_batches.size());
     for (size_t i = 0; i < micro_batches.size(); ++i) {
-      if (ddp) ddp->set_sync(i + 1 == micro_batches.size());  // communicate after the last only
+      BucketedDataParallel::NoSync no_sync;
+      if (ddp && i + 1 < micro_batches.size()) no_sync = ddp->no_sync();  // communicate after the last only
       torch::Tensor loss;
       {
         AutocastGuard autocast(options_.bf16);  // forward only, as torch.autocast
@@ -227,7 +230,7 @@ class Trainer {
 
   TrainConfig train_;
   ParallelOptions options_;
-  ProcessGroups& groups_;
+  ProcessGroups groups_;  // a copy (groups share their backends): the caller's may go
 };
 
 }  // namespace lightron
