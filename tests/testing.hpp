@@ -42,10 +42,7 @@ inline TrainConfig tiny_train(int64_t global_batch, int64_t micro_batch, int64_t
   return t;
 }
 
-struct RunResult {
-  std::vector<double> losses, grad_norms;
-  std::map<std::string, torch::Tensor> params;  // full (unsharded) parameters at the end
-};
+using RunResult = ParityRun;  // losses, grad norms, full parameters at the end (parity.hpp)
 
 // Trains `iters` steps of mock data on the given groups; every rank returns the same losses.
 inline RunResult run_training(const GPTConfig& c, const TrainConfig& t, const ParallelOptions& o, ProcessGroups& g) {
@@ -65,35 +62,22 @@ inline RunResult run_training(const GPTConfig& c, const TrainConfig& t, const Pa
 
 // The single-device run, computed on this rank alone (a world of one).
 inline RunResult run_reference(const GPTConfig& c, const TrainConfig& t) {
-  auto single = make_process_groups(c10::make_intrusive<c10d::HashStore>(), 0, Layout{});
-  return run_training(c, t, ParallelOptions{}, *single);
+  return run_training(c, t, ParallelOptions{}, *single_rank_groups());
 }
 
 // Stated tolerance for cross-layout parity in fp32: relative 1e-5 on every loss and grad
-// norm; on parameters, per tensor, max|a - b| <= 1e-5 · max|ref| + 1e-6.
-// (The absolute part covers parameters whose true gradient is zero — the key bias, since
-// softmax ignores a constant added to every score: their gradient is rounding noise that
-// differs between layouts. tiny_train's adam_eps of 1e-6 keeps Adam from normalising that
-// noise into steps of size ~lr; with eps 1e-8 the drift reached 1.3e-5 in 20 steps.)
+// norm; on parameters, per tensor, max|a - b| <= 1e-5 · max|ref| + 1e-6 (parity.hpp).
+// (tiny_train's adam_eps of 1e-6 keeps Adam from normalising the rounding noise of the
+// key bias's zero gradient into steps of size ~lr; with eps 1e-8 the drift reached 1.3e-5
+// in 20 steps.)
 constexpr double kParityTolerance = 1e-5;
-constexpr double kParamAbsTolerance = 1e-6;
 
 inline void check_parity(const RunResult& ref, const RunResult& run, double tol = kParityTolerance) {
-  REQUIRE(ref.losses.size() == run.losses.size());
-  for (size_t i = 0; i < ref.losses.size(); ++i) {
-    CHECK_MESSAGE(std::abs(ref.losses[i] - run.losses[i]) <= tol * std::abs(ref.losses[i]),
-                  "step " << i + 1 << " loss " << run.losses[i] << " vs reference " << ref.losses[i]);
-    CHECK_MESSAGE(std::abs(ref.grad_norms[i] - run.grad_norms[i]) <= tol * std::abs(ref.grad_norms[i]),
-                  "step " << i + 1 << " grad norm " << run.grad_norms[i] << " vs " << ref.grad_norms[i]);
-  }
-  REQUIRE(ref.params.size() == run.params.size());
-  for (const auto& [name, p] : ref.params) {
-    REQUIRE_MESSAGE(run.params.count(name) == 1, name);
-    const auto& q = run.params.at(name);
-    REQUIRE_MESSAGE(p.sizes() == q.sizes(), name);
-    const double diff = (p - q).abs().max().item<double>(), scale = p.abs().max().item<double>();
-    CHECK_MESSAGE(diff <= tol * scale + kParamAbsTolerance, name << ": max |diff| " << diff << " vs scale " << scale);
-  }
+  ParityTolerance tolerance;
+  tolerance.relative = tol;
+  const ParityReport report = compare_runs(ref, run, tolerance);
+  CHECK_MESSAGE(report.equal, report.summary());
+  MESSAGE(report.summary());
 }
 
 }  // namespace lightron_testing

@@ -55,3 +55,11 @@ set_tests_properties(notebooks PROPERTIES RUN_SERIAL ON)
 add_test(NAME header_sets COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/header_sets_check.py
          --root ${PROJECT_SOURCE_DIR} --jobs 2)
 set_tests_properties(header_sets PROPERTIES TIMEOUT 900 PROCESSORS 2)
+
+# Chapter 6, your own model: examples/06_your_own_model trains a model that is not lightron's
+# GPT on tp 2, dp 2 and tp 2 x dp 2, checks every step against one rank (parity.hpp), and
+# loads the layout's checkpoint back into one unsplit model, bit for bit. Exit 1 on any difference.
+set(YOUR_MODEL $<TARGET_FILE:06_your_own_model>)
+lightron_mpi_test(your_own_model_tp2 2 ${YOUR_MODEL} --tensor-model-parallel-size 2 --save ${CMAKE_CURRENT_BINARY_DIR}/your_own_model_tp2)
+lightron_mpi_test(your_own_model_dp2 2 ${YOUR_MODEL} --save ${CMAKE_CURRENT_BINARY_DIR}/your_own_model_dp2)
+lightron_mpi_test(your_own_model_tp2_dp2 4 ${YOUR_MODEL} --tensor-model-parallel-size 2 --save ${CMAKE_CURRENT_BINARY_DIR}/your_own_model_tp2_dp2)

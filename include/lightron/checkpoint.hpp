@@ -144,14 +144,38 @@ inline nlohmann::json shard_metadata(const ShardedTensor& s) {
   return meta;
 }
 
+// What a checkpoint needs to know of a model besides its optimizer's tensors: a description
+// for the manifest (lightron's GPT: its config), how to refuse a checkpoint of another model,
+// and how each parameter splits over tp. lightron's GPT and any model built from the
+// tensor-parallel layers (its splits read from the module tree) have one each.
+struct CheckpointModel {
+  nlohmann::json description;
+  std::function<ShardSpec(const std::string&)> spec_of;
+  std::function<void(const nlohmann::json& saved, const std::string& where)> check_same;
+};
+inline CheckpointModel checkpoint_model(const GPTConfig& c) {
+  return {config_to_json(c), [c](const std::string& name) { return tp_shard_spec(name, c); },
+          [c](const nlohmann::json& saved, const std::string& where) { check_same_model(config_from_json(saved), c, where); }};
+}
+inline CheckpointModel checkpoint_model(const torch::nn::Module& model, const nlohmann::json& description) {
+  auto specs = std::make_shared<std::map<std::string, ShardSpec>>(tp_shard_specs(model));
+  return {description,
+          [specs](const std::string& name) { return specs->count(name) ? specs->at(name) : ShardSpec{}; },
+          [description](const nlohmann::json& saved, const std::string& where) {
+            require(saved == description, "--load {}: the checkpoint holds another model ({} there, {} here)", where,
+                    saved.dump(), description.dump());
+          }};
+}
+
 // This rank's share: parameters and moments, each stored once across the grid: dp (and cp)
 // ranks > 0 hold replicas, replicated parameters come from tp rank 0, and wte from the first
 // stage (the last stage's tied copy is the same tensor, bit for bit).
-inline std::vector<ShardedTensor> checkpoint_shards(const AdamW& optimizer, const GPTConfig& c, const ProcessGroups& g) {
+inline std::vector<ShardedTensor> checkpoint_shards(const AdamW& optimizer, const CheckpointModel& model,
+                                                    const ProcessGroups& g) {
   std::vector<ShardedTensor> out;
   if (g.coords.dp != 0 || g.coords.cp != 0) return out;
   for (const auto& s : optimizer.slots) {
-    const ShardSpec spec = g.layout.tp > 1 ? tp_shard_spec(s.name, c) : ShardSpec{};
+    const ShardSpec spec = g.layout.tp > 1 ? model.spec_of(s.name) : ShardSpec{};
     if ((spec.dim < 0 && g.coords.tp != 0) || (s.name == "wte.weight" && g.coords.pp != 0)) continue;
     out.push_back({s.name, s.param.detach(), spec, g.coords.tp, g.layout.tp});
     out.push_back({"exp_avg." + s.name, s.exp_avg, spec, g.coords.tp, g.layout.tp});
@@ -213,18 +237,18 @@ inline void write_checkpoint(const std::string& dir, int64_t iteration, nlohmann
 
 inline torch::Device device_of(const AdamW& optimizer) { return optimizer.slots.at(0).param.device(); }
 
-// Saves a Trainer's state (trainer.hpp calls this): a collective over every rank.
-inline void save_checkpoint(const std::string& dir, CheckpointCounters counters, const GPTConfig& c, const TrainConfig& t,
-                            const AdamW& optimizer, const ProcessGroups& g) {
+// Saves a model's training state (Trainer and ModelTrainer call this): a collective over every rank.
+inline void save_checkpoint(const std::string& dir, CheckpointCounters counters, const CheckpointModel& model,
+                            const TrainConfig& t, const AdamW& optimizer, const ProcessGroups& g) {
   const nlohmann::json manifest = {
-      {"format", kCheckpointFormat}, {"config", config_to_json(c)},
+      {"format", kCheckpointFormat}, {"config", model.description},
       {"layout", {{"tp", g.layout.tp}, {"cp", g.layout.cp}, {"dp", g.layout.dp}, {"pp", g.layout.pp}}},
       {"lr_schedule", schedule_to_json(t)},
       {"data", {{"consumed_samples", counters.consumed_samples}, {"global_batch_size", t.global_batch_size}, {"seed", t.seed}}},
       {"optimizer", {{"name", "AdamW"}, {"step", optimizer.step_count}, {"beta1", optimizer.beta1},
                      {"beta2", optimizer.beta2}, {"eps", optimizer.eps}, {"weight_decay", optimizer.weight_decay}}},
       {"rng", {{"torch_cpu", rng_state_hex()}}}};
-  write_checkpoint(dir, counters.iteration, manifest, checkpoint_shards(optimizer, c, g), g.world, device_of(optimizer));
+  write_checkpoint(dir, counters.iteration, manifest, checkpoint_shards(optimizer, model, g), g.world, device_of(optimizer));
   print0("saved checkpoint {}\n", iteration_dir(dir, counters.iteration));
 }
 

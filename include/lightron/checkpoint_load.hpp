@@ -147,17 +147,17 @@ class CheckpointReader {
 
 // Restores a Trainer's state in place (trainer.hpp calls this), under this run's layout,
 // whatever the saving one was. A collective over every rank; refuses another model shape.
-inline CheckpointCounters load_checkpoint(const std::string& dir, const LoadOptions& o, const GPTConfig& c,
+inline CheckpointCounters load_checkpoint(const std::string& dir, const LoadOptions& o, const CheckpointModel& model,
                                           const TrainConfig& t, AdamW& optimizer, const ProcessGroups& g) {
   CheckpointReader reader(dir, g.world, device_of(optimizer));
   for (const auto& s : reader.skipped)
     print0("--load: skipped {}: incomplete (its save was interrupted before the manifest was written)\n", s);
   const auto& m = reader.manifest;
-  check_same_model(config_from_json(m.at("config")), c, reader.path);
+  model.check_same(m.at("config"), reader.path);
   const bool with_optimizer = !o.finetune && !o.no_load_optim && m.value("optimizer", nlohmann::json()).is_object();
   torch::NoGradGuard no_grad;
   for (auto& s : optimizer.slots) {
-    const ShardSpec spec = g.layout.tp > 1 ? tp_shard_spec(s.name, c) : ShardSpec{};
+    const ShardSpec spec = g.layout.tp > 1 ? model.spec_of(s.name) : ShardSpec{};
     auto restore = [&](torch::Tensor& into, const std::string& key) {
       auto mine = shard(reader.full(key), spec, g.coords.tp, g.layout.tp);
       require(mine.sizes() == into.sizes(), "--load {}: {} is {} there, {} here", reader.path, key, fmt::join(mine.sizes(), "x"),

@@ -25,3 +25,5 @@
 #include "hf_export.hpp"          // HuggingFace GPT-2 / Llama directories (stage 5)
 #include "memory.hpp"             // per-rank memory before allocating     (stage 3)
 #include "trainer.hpp"            // one training step for any layout      (stage 4)
+#include "model_trainer.hpp"      // the step for your own model (tp x dp) (chapter 6)
+#include "parity.hpp"             // one rank vs a layout, first difference (chapter 6)

@@ -13,6 +13,7 @@
 // message, are recorded on a timeline. Tutorial stage 3.
 #pragma once
 
+#include "data.hpp"  // Batch: a micro-batch of token ids and labels
 #include "pipeline_parallel.hpp"
 
 #include <time.h>  // clock_gettime: CPU time of this thread

@@ -186,7 +186,7 @@ inline BackendPtr make_backend(const c10::intrusive_ptr<c10d::Store>& store, con
   return c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, gloo);
 #else
   (void)prefixed;
-  throw UsageError("several CPU ranks need Gloo: install libgloo-dev (its headers) and use a LibTorch built with it");
+  throw UsageError(fmt::format("several CPU ranks need Gloo, and this build has none: {}", kNoGlooReason));
 #endif
 }
 

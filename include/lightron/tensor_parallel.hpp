@@ -14,6 +14,7 @@
 #include "gpt.hpp"
 
 #include <deque>
+#include <map>
 #include <mutex>
 
 namespace lightron {
@@ -50,6 +51,39 @@ inline torch::Tensor my_slice(const Group& g, const torch::Tensor& t, int64_t di
 }
 using Grads = torch::autograd::variable_list;
 }  // namespace tp_detail
+
+// How a parameter splits across tp ranks: along `dim`, each of the consecutive `blocks`
+// (sizes along dim) cut into tp equal parts; rank r holds part r of every block, in order.
+// dim < 0: replicated.
+struct ShardSpec {
+  int64_t dim = -1;
+  std::vector<int64_t> blocks;
+};
+
+// Rank r's shard of a full tensor.
+inline torch::Tensor shard(const torch::Tensor& full, const ShardSpec& s, int64_t rank, int64_t size) {
+  if (s.dim < 0) return full.clone();
+  std::vector<torch::Tensor> parts;
+  int64_t offset = 0;
+  for (int64_t block : s.blocks) {
+    parts.push_back(full.narrow(s.dim, offset + rank * (block / size), block / size));
+    offset += block;
+  }
+  return torch::cat(parts, s.dim).contiguous();
+}
+
+// The full tensor from every rank's shard (the inverse of shard()).
+inline torch::Tensor unshard(const std::vector<torch::Tensor>& shards, const ShardSpec& s) {
+  if (s.dim < 0) return shards.at(0);
+  std::vector<torch::Tensor> parts;
+  int64_t offset = 0;
+  for (int64_t block : s.blocks) {
+    const int64_t part = block / int64_t(shards.size());
+    for (const auto& sh : shards) parts.push_back(sh.narrow(s.dim, offset, part));
+    offset += part;
+  }
+  return torch::cat(parts, s.dim);
+}
 
 // f: identity forward, all-reduce of the gradient backward (before a column-parallel layer).
 struct CopyToTensorParallelRegion : torch::autograd::Function<CopyToTensorParallelRegion> {
@@ -138,15 +172,27 @@ inline torch::Tensor gather_from_sp_region(const torch::Tensor& x, const Group& 
 inline torch::Tensor reduce_scatter_to_sp_region(const torch::Tensor& x, const Group& g) { return ReduceScatterToSequenceParallelRegion::apply(x, g); }
 inline torch::Tensor scatter_to_sp_region(const torch::Tensor& x, const Group& g) { return ScatterToSequenceParallelRegion::apply(x, g); }
 
+// A layer whose parameters are tensor-parallel shards says how each one splits ("weight",
+// "bias" -> a ShardSpec of the full tensor): checkpoints, the gradient norm and unsharding
+// read it from the module tree (tp_shard_specs), for lightron's GPT and for any other model.
+struct TensorParallelLayer {
+  virtual ~TensorParallelLayer() = default;
+  virtual ShardSpec shard_spec(const std::string& parameter) const = 0;
+};
+
 // Y = XA + b with A split by columns, A = [A_1 … A_p]: rank i computes Y_i = X A_i + b_i.
 // The input enters through f (or, with sequence parallel, an all-gather along T); the
-// output stays split unless gather_output.
-struct ColumnParallelLinear : LinearLayer {
+// output stays split unless gather_output. A fused layer (e.g. [Q | K | V]) splits block by
+// block: `blocks` are the full output sizes of its parts (default: one block).
+struct ColumnParallelLinear : LinearLayer, TensorParallelLayer {
   torch::Tensor weight, bias;  // (out/p, in), (out/p)
   Group tp;  // held by value: a layer never refers to groups that may be gone
   bool sequence_parallel, gather_output;
-  ColumnParallelLinear(torch::Tensor w, torch::Tensor b, const Group& g, bool sp, bool gather = false)
-      : tp(g), sequence_parallel(sp), gather_output(gather) {
+  std::vector<int64_t> blocks;  // full sizes along out
+  ColumnParallelLinear(torch::Tensor w, torch::Tensor b, const Group& g, bool sp, bool gather = false,
+                       std::vector<int64_t> fused_blocks = {})
+      : tp(g), sequence_parallel(sp), gather_output(gather), blocks(std::move(fused_blocks)) {
+    if (blocks.empty()) blocks = {w.size(0) * g.size};
     weight = register_parameter("weight", w);
     if (b.defined()) bias = register_parameter("bias", b);
   }
@@ -155,11 +201,12 @@ struct ColumnParallelLinear : LinearLayer {
     auto y = torch::linear(input, weight, bias);
     return gather_output ? gather_from_tp_region(y, tp) : y;
   }
+  ShardSpec shard_spec(const std::string&) const override { return {0, blocks}; }
 };
 
 // Y = XA + b with A split by rows, A = [A_1; …; A_p] and X = [X_1 … X_p] already split:
 // Y = Σ_i X_i A_i through g (or a reduce-scatter along T), then b added once.
-struct RowParallelLinear : LinearLayer {
+struct RowParallelLinear : LinearLayer, TensorParallelLayer {
   torch::Tensor weight, bias;  // (out, in/p), (out) replicated
   Group tp;
   bool sequence_parallel;
@@ -172,11 +219,46 @@ struct RowParallelLinear : LinearLayer {
     auto y = sequence_parallel ? reduce_scatter_to_sp_region(partial, tp) : reduce_from_tp_region(partial, tp);
     return bias.defined() ? y + bias : y;
   }
+  ShardSpec shard_spec(const std::string& parameter) const override {
+    return parameter == "weight" ? ShardSpec{1, {weight.size(1) * tp.size}} : ShardSpec{};
+  }
 };
+
+// An existing full Linear cut into this tp rank's column-parallel part (rows of every block:
+// blocks {H·D, G·D, G·D} for a fused [Q | K | V]), or row-parallel part (columns; the bias is
+// replicated). The full layer is left as it was.
+inline std::shared_ptr<ColumnParallelLinear> column_parallel_from(const Linear& full, const Group& tp,
+                                                                  std::vector<int64_t> blocks = {},
+                                                                  bool sequence_parallel = false,
+                                                                  bool gather_output = false) {
+  if (blocks.empty()) blocks = {full.weight.size(0)};
+  int64_t total = 0;
+  for (int64_t block : blocks) {
+    require(block % tp.size == 0, "column_parallel_from: a block of {} rows does not split over {} tp ranks", block,
+            tp.size);
+    total += block;
+  }
+  require(total == full.weight.size(0), "column_parallel_from: the blocks add up to {} rows, the layer has {}", total,
+          full.weight.size(0));
+  torch::NoGradGuard no_grad;
+  const ShardSpec spec{0, blocks};
+  auto b = full.bias.defined() ? shard(full.bias, spec, tp.rank, tp.size) : torch::Tensor();
+  return std::make_shared<ColumnParallelLinear>(shard(full.weight, spec, tp.rank, tp.size), b, tp, sequence_parallel,
+                                                gather_output, blocks);
+}
+inline std::shared_ptr<RowParallelLinear> row_parallel_from(const Linear& full, const Group& tp,
+                                                            bool sequence_parallel = false) {
+  require(full.weight.size(1) % tp.size == 0, "row_parallel_from: {} input features do not split over {} tp ranks",
+          full.weight.size(1), tp.size);
+  torch::NoGradGuard no_grad;
+  auto b = full.bias.defined() ? full.bias.clone() : torch::Tensor();
+  return std::make_shared<RowParallelLinear>(shard(full.weight, ShardSpec{1, {full.weight.size(1)}}, tp.rank, tp.size),
+                                             b, tp, sequence_parallel);
+}
 
 // Rows [start, start + V/p) of the embedding on each rank; ids outside the range give zero
 // vectors, and g (all-reduce) adds the ranks' vectors up.
-struct VocabParallelEmbedding : Embedding {
+struct VocabParallelEmbedding : Embedding, TensorParallelLayer {
   Group tp;
   int64_t vocab_start;
   VocabParallelEmbedding(torch::Tensor w, const Group& g) : tp(g), vocab_start(w.size(0) * g.rank) {
@@ -188,7 +270,21 @@ struct VocabParallelEmbedding : Embedding {
     auto vectors = torch::embedding(weight, local).masked_fill(outside.unsqueeze(-1), 0.0);
     return reduce_from_tp_region(vectors, tp);
   }
+  ShardSpec shard_spec(const std::string&) const override { return {0, {weight.size(0) * tp.size}}; }
 };
+
+// Every parameter of `model` that a tensor-parallel layer holds, by its full name, with the
+// way it splits (replicated ones of such layers have dim < 0; other parameters are absent).
+inline std::map<std::string, ShardSpec> tp_shard_specs(const torch::nn::Module& model) {
+  std::map<std::string, ShardSpec> out;
+  for (const auto& item : model.named_modules()) {
+    const auto* layer = dynamic_cast<const TensorParallelLayer*>(item.value().get());
+    if (layer == nullptr) continue;
+    for (const auto& p : item.value()->named_parameters(/*recurse=*/false))
+      out[(item.key().empty() ? "" : item.key() + ".") + p.key()] = layer->shard_spec(p.key());
+  }
+  return out;
+}
 
 // Cross-entropy over logits split by vocabulary (B, T, V/p), per token:
 //   loss = log Σ_v exp(z_v - m) - (z_y - m), with m = max_v z_v,

@@ -18,14 +18,6 @@
 
 namespace lightron {
 
-// How a parameter splits across tp ranks: along `dim`, each of the consecutive `blocks`
-// (sizes along dim) cut into tp equal parts; rank r holds part r of every block, in order.
-// dim < 0: replicated.
-struct ShardSpec {
-  int64_t dim = -1;
-  std::vector<int64_t> blocks;
-};
-
 inline ShardSpec tp_shard_spec(const std::string& name, const GPTConfig& c) {
   const int64_t D = c.head_dim(), F = c.ffn();
   if (name_ends_with(name, "attn.c_attn.weight") || name_ends_with(name, "attn.c_attn.bias"))
@@ -36,31 +28,6 @@ inline ShardSpec tp_shard_spec(const std::string& name, const GPTConfig& c) {
   if (name_ends_with(name, "mlp.c_proj.weight")) return {1, {F}};
   if (name == "wte.weight" || name == "lm_head.weight") return {0, {c.vocab_size}};
   return {};
-}
-
-// Rank r's shard of a full tensor.
-inline torch::Tensor shard(const torch::Tensor& full, const ShardSpec& s, int64_t rank, int64_t size) {
-  if (s.dim < 0) return full.clone();
-  std::vector<torch::Tensor> parts;
-  int64_t offset = 0;
-  for (int64_t block : s.blocks) {
-    parts.push_back(full.narrow(s.dim, offset + rank * (block / size), block / size));
-    offset += block;
-  }
-  return torch::cat(parts, s.dim).contiguous();
-}
-
-// The full tensor from every rank's shard (the inverse of shard()).
-inline torch::Tensor unshard(const std::vector<torch::Tensor>& shards, const ShardSpec& s) {
-  if (s.dim < 0) return shards.at(0);
-  std::vector<torch::Tensor> parts;
-  int64_t offset = 0;
-  for (int64_t block : s.blocks) {
-    const int64_t part = block / int64_t(shards.size());
-    for (const auto& sh : shards) parts.push_back(sh.narrow(s.dim, offset, part));
-    offset += part;
-  }
-  return torch::cat(parts, s.dim);
 }
 
 // Model-shape constraints of a tensor-parallel layout, before anything is allocated.
@@ -90,7 +57,7 @@ struct SequenceShardedPositions : Embedding {
 
 // The output layer under tp: f (or the sequence all-gather), then this rank's vocabulary
 // rows, which are wte's own shard when the embeddings are tied.
-struct VocabParallelHead : LinearLayer {
+struct VocabParallelHead : LinearLayer, TensorParallelLayer {
   std::shared_ptr<Embedding> tied;  // wte when tied, else null
   torch::Tensor weight;             // (V/p, C) when untied
   Group tp;
@@ -103,6 +70,7 @@ struct VocabParallelHead : LinearLayer {
     auto input = sequence_parallel ? gather_from_sp_region(x, tp) : copy_to_tp_region(x, tp);
     return torch::linear(input, tied ? tied->weight : weight);  // (B, T, V/p)
   }
+  ShardSpec shard_spec(const std::string&) const override { return {0, {weight.size(0) * tp.size}}; }
 };
 
 // What sharding changed, for the training step: which parameters are split (their squared
@@ -118,12 +86,7 @@ inline TensorParallelInfo apply_tensor_parallel(GPT& model, const Group& tp, boo
   TensorParallelInfo info;
   if (tp.size == 1) return info;
   torch::NoGradGuard no_grad;
-  auto part = [&](const std::string& name, const torch::Tensor& full) {
-    if (!full.defined()) return torch::Tensor();
-    auto spec = tp_shard_spec(name, c);
-    if (spec.dim >= 0) info.sharded.insert(name);
-    return shard(full, spec, tp.rank, tp.size);
-  };
+  auto part = [&](const std::string& name, const torch::Tensor& full) { return shard(full, tp_shard_spec(name, c), tp.rank, tp.size); };
   auto linear = [](const std::shared_ptr<LinearLayer>& l) { return std::dynamic_pointer_cast<Linear>(l); };
   for (size_t i = 0; i < model.blocks.size(); ++i) {
     auto& block = *model.blocks[i];
@@ -131,23 +94,16 @@ inline TensorParallelInfo apply_tensor_parallel(GPT& model, const Group& tp, boo
     // parent.slot (e.g. attn.c_attn) becomes a column- or row-parallel layer.
     auto column = [&](torch::nn::Module& parent, std::shared_ptr<LinearLayer>& slot, const std::string& parent_name,
                       const std::string& name) {
-      auto full = linear(slot);
-      const std::string path = prefix + parent_name + "." + name;
-      slot = parent.replace_module(name, std::make_shared<ColumnParallelLinear>(
-          part(path + ".weight", full->weight), part(path + ".bias", full->bias), tp, sequence_parallel));
+      const auto blocks = tp_shard_spec(prefix + parent_name + "." + name + ".weight", c).blocks;
+      slot = parent.replace_module(name, column_parallel_from(*linear(slot), tp, blocks, sequence_parallel));
     };
-    auto row = [&](torch::nn::Module& parent, std::shared_ptr<LinearLayer>& slot, const std::string& parent_name,
-                   const std::string& name) {
-      auto full = linear(slot);
-      const std::string path = prefix + parent_name + "." + name;
-      slot = parent.replace_module(name, std::make_shared<RowParallelLinear>(
-          part(path + ".weight", full->weight), full->bias.defined() ? full->bias.clone() : torch::Tensor(), tp,
-          sequence_parallel));
+    auto row = [&](torch::nn::Module& parent, std::shared_ptr<LinearLayer>& slot, const std::string& name) {
+      slot = parent.replace_module(name, row_parallel_from(*linear(slot), tp, sequence_parallel));
     };
     column(*block.attn, block.attn->c_attn, "attn", "c_attn");
-    row(*block.attn, block.attn->c_proj, "attn", "c_proj");
+    row(*block.attn, block.attn->c_proj, "c_proj");
     column(*block.mlp, block.mlp->c_fc, "mlp", "c_fc");
-    row(*block.mlp, block.mlp->c_proj, "mlp", "c_proj");
+    row(*block.mlp, block.mlp->c_proj, "c_proj");
     block.attn->num_heads /= tp.size;
     block.attn->num_groups /= tp.size;
   }
@@ -161,6 +117,8 @@ inline TensorParallelInfo apply_tensor_parallel(GPT& model, const Group& tp, boo
     model.lm_head = model.replace_module(
         "lm_head", std::make_shared<VocabParallelHead>(nullptr, part("lm_head.weight", full->weight), tp, sequence_parallel));
   }
+  for (const auto& [name, spec] : tp_shard_specs(model))  // what the new layers hold as shards
+    if (spec.dim >= 0) info.sharded.insert(name);
   model.loss_fn = [tp](const torch::Tensor& logits, const torch::Tensor& labels) {
     return vocab_parallel_cross_entropy(logits, labels, tp);
   };

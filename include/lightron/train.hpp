@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <fstream>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -153,6 +154,17 @@ inline torch::Tensor grad_sq_norm(const std::vector<torch::Tensor>& params) {
     if (p.grad().defined()) grads.push_back(p.grad());
   if (grads.empty()) return torch::zeros({}, torch::kDouble);
   return torch::stack(at::_foreach_norm(grads)).to(torch::kDouble).pow(2).sum();
+}
+
+// Σ‖g‖² of this rank's share of a model split over tp ranks, so that summing the results over
+// the tp group counts every parameter once: a shard counts on every rank (the squares of the
+// pieces add up to the full tensor's), a replicated parameter on tp rank 0 only.
+inline torch::Tensor tp_share_grad_sq_norm(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
+                                           const std::set<std::string>& sharded, int64_t tp_rank) {
+  std::vector<torch::Tensor> counted;
+  for (const auto& [name, p] : named_params)
+    if (tp_rank == 0 || sharded.count(name)) counted.push_back(p);
+  return grad_sq_norm(counted);
 }
 
 // Scales every gradient by min(1, max_norm / total_norm) (0 disables clipping).

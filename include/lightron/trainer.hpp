@@ -148,10 +148,10 @@ class Trainer {
 
   // Sharded checkpoints (checkpoint.hpp): collectives; load() accepts any saving layout.
   void save(const std::string& dir, CheckpointCounters counters) {
-    save_checkpoint(dir, counters, model->config, train_, *optimizer, groups_);
+    save_checkpoint(dir, counters, checkpoint_model(model->config), train_, *optimizer, groups_);
   }
   CheckpointCounters load(const std::string& dir, const LoadOptions& options = {}) {
-    return load_checkpoint(dir, options, model->config, train_, *optimizer, groups_);
+    return load_checkpoint(dir, options, checkpoint_model(model->config), train_, *optimizer, groups_);
   }
 
   std::shared_ptr<GPT> model;  // this rank's part of it
@@ -184,13 +184,11 @@ class Trainer {
   // ‖g‖ over the whole model, each parameter counted once: tp shards add up; replicated
   // parameters count on tp rank 0 only; the last stage's copy of a tied wte not at all.
   torch::Tensor global_grad_norm() {
-    std::vector<torch::Tensor> counted;
-    for (auto& [name, p] : named_params) {
-      const bool replicated = !tp_info.sharded.count(name) && groups_.tp.rank != 0;
-      const bool tied_copy = name == "wte.weight" && !stage.has_embedding();
-      if (!replicated && !tied_copy) counted.push_back(p);
-    }
-    auto sq = grad_sq_norm(counted).to(options_.device);
+    auto counted = named_params;
+    if (!stage.has_embedding())  // the last stage's copy of a tied wte: counted on the first
+      counted.erase(std::remove_if(counted.begin(), counted.end(), [](auto& p) { return p.first == "wte.weight"; }),
+                    counted.end());
+    auto sq = tp_share_grad_sq_norm(counted, tp_info.sharded, groups_.tp.rank).to(options_.device);
     all_reduce(groups_.tp, sq);
     all_reduce(groups_.pp, sq);
     return sq.sqrt();
