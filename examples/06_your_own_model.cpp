@@ -131,14 +131,7 @@ int main(int argc, char** argv) {
       MockGPTDataset data(config.vocab, config.seq, /*num_samples=*/1024, train.seed);
       DataSampler sampler(data.size(), train.global_batch_size, train.micro_batch_size, int(g.coords.dp),
                           int(g.layout.dp), train.seed);
-      ParityRun run;
-      for (int64_t it = 1; it <= train.train_iters; ++it) {
-        std::vector<Batch> batches;
-        for (const auto& indices : sampler.next_global_batch()) batches.push_back(make_batch(data, indices));
-        run.losses.push_back(trainer.step(batches, it));
-        run.grad_norms.push_back(trainer.grad_norm);
-      }
-      run.params = trainer.full_parameters();
+      ParityRun run = record_run(trainer, data, sampler, train.train_iters);
       if (save_checkpoint) trainer.save(save, {train.train_iters, sampler.consumed_samples});
       return run;
     };

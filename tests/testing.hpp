@@ -49,15 +49,7 @@ inline RunResult run_training(const GPTConfig& c, const TrainConfig& t, const Pa
   MockGPTDataset data(c.vocab_size, c.seq_length, /*num_samples=*/4096, /*seed=*/t.seed);
   DataSampler sampler(data.size(), t.global_batch_size, t.micro_batch_size, int(g.coords.dp), int(g.layout.dp), t.seed);
   Trainer trainer(c, t, o, g);
-  RunResult r;
-  for (int64_t it = 1; it <= t.train_iters; ++it) {
-    std::vector<Batch> batches;
-    for (const auto& indices : sampler.next_global_batch()) batches.push_back(make_batch(data, indices));
-    r.losses.push_back(trainer.step(batches, it));
-    r.grad_norms.push_back(trainer.grad_norm);
-  }
-  r.params = trainer.full_parameters();
-  return r;
+  return record_run(trainer, data, sampler, t.train_iters);
 }
 
 // The single-device run, computed on this rank alone (a world of one).

@@ -75,8 +75,8 @@ class BucketedDataParallel {
         p.mutable_grad() = bucket.views.back();
         offset += p.numel();
         auto accumulator = torch::autograd::impl::grad_accumulator(p);
-        accumulator->add_pre_hook(std::make_unique<Hook>(weak, b, i, /*before=*/true));
-        accumulator->add_post_hook(std::make_unique<Hook>(weak, b, i, /*before=*/false));
+        accumulator->add_pre_hook(std::make_unique<Hook>(weak, b, i));
+        accumulator->add_post_hook(std::make_unique<Hook>(weak, b, i));
         accumulators_.push_back(accumulator);  // the parameter only holds it weakly
       }
     }
@@ -117,13 +117,9 @@ class BucketedDataParallel {
     for (auto& bucket : state_->buckets) {
       for (size_t i = 0; i < bucket.params.size(); ++i)
         if (!bucket.ready[i]) adopt(bucket, i, /*absent_is_zero=*/true);
-      if (!bucket.pending.work) launch(bucket);
+      if (!bucket.pending.work) bucket.launch(state_->dp);
     }
-    for (auto& bucket : state_->buckets) {
-      bucket.pending.wait();
-      bucket.ready.assign(bucket.params.size(), false);
-      bucket.num_ready = 0;
-    }
+    for (auto& bucket : state_->buckets) bucket.wait_and_rearm();
   }
 
   size_t num_buckets() const { return state_->buckets.size(); }
@@ -137,6 +133,12 @@ class BucketedDataParallel {
     std::vector<bool> ready;  // gradient complete for this step's communication
     size_t num_ready = 0;
     Pending pending;
+    void launch(const Group& dp) { pending = all_reduce_async(dp, flat, /*average=*/true); }
+    void wait_and_rearm() {  // the all-reduce done, the bucket counts afresh
+      pending.wait();
+      ready.assign(params.size(), false);
+      num_ready = 0;
+    }
   };
   struct State {
     Group dp;
@@ -151,17 +153,10 @@ class BucketedDataParallel {
   struct Hook : torch::autograd::FunctionPreHook, torch::autograd::FunctionPostHook {
     std::weak_ptr<State> state;
     size_t bucket, index;
-    bool before;
-    Hook(std::weak_ptr<State> s, size_t b, size_t i, bool pre) : state(std::move(s)), bucket(b), index(i), before(pre) {}
+    Hook(std::weak_ptr<State> s, size_t b, size_t i) : state(std::move(s)), bucket(b), index(i) {}
     torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
-      if (auto s = state.lock()) {
-        auto& bk = s->buckets[bucket];
-        if (bk.pending.work) {
-          bk.pending.wait();
-          bk.ready.assign(bk.params.size(), false);
-          bk.num_ready = 0;
-        }
-      }
+      if (auto s = state.lock())
+        if (s->buckets[bucket].pending.work) s->buckets[bucket].wait_and_rearm();
       return grads;
     }
     torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
@@ -172,7 +167,7 @@ class BucketedDataParallel {
       adopt(bk, index, /*absent_is_zero=*/false);
       if (s->sync && !bk.ready[index]) {
         bk.ready[index] = true;
-        if (++bk.num_ready == bk.params.size()) bk.pending = all_reduce_async(s->dp, bk.flat, /*average=*/true);
+        if (++bk.num_ready == bk.params.size()) bk.launch(s->dp);
       }
       return outputs;
     }
@@ -197,7 +192,6 @@ class BucketedDataParallel {
     }
     p.mutable_grad() = view;
   }
-  void launch(Bucket& bucket) { bucket.pending = all_reduce_async(state_->dp, bucket.flat, /*average=*/true); }
 
   static NamedParams numbered(const std::vector<torch::Tensor>& params) {
     NamedParams out;

@@ -6,10 +6,11 @@
 // Why a tolerance and not equality: a layout adds the same numbers in another order (a
 // matrix product split over tp, an all-reduce over dp), and floating-point addition is not
 // associative, so losses agree to ~1e-7 relative on a stable run rather than bit for bit.
-// Leaves out: running the two trainings (your loop or ModelTrainer does that).
+// Leaves out: the training step itself (Trainer, ModelTrainer or your own loop).
 // Introduced with examples/06_your_own_model.cpp (tutorial chapter 6).
 #pragma once
 
+#include "data.hpp"  // Batch, DataSampler: the steps of a run
 #include "process_groups.hpp"
 
 #include <map>
@@ -89,6 +90,23 @@ inline ParityReport compare_runs(const ParityRun& reference, const ParityRun& ru
   for (const auto& [name, p] : run.params)
     if (!reference.params.count(name)) differ(fmt::format("parameter {} is not in the reference", name));
   return r;
+}
+
+// Trains `trainer` (anything with step(micro_batches, iteration) and grad_norm: Trainer,
+// ModelTrainer) for train_iters steps on this rank's share of each global batch, and records
+// what compare_runs compares: every loss and gradient norm, then the full parameters.
+template <typename StepTrainer>
+inline ParityRun record_run(StepTrainer& trainer, const GPTSampleSource& data, DataSampler& sampler,
+                            int64_t train_iters) {
+  ParityRun run;
+  for (int64_t it = 1; it <= train_iters; ++it) {
+    std::vector<Batch> batches;
+    for (const auto& indices : sampler.next_global_batch()) batches.push_back(make_batch(data, indices));
+    run.losses.push_back(trainer.step(batches, it));
+    run.grad_norms.push_back(trainer.grad_norm);
+  }
+  run.params = trainer.full_parameters();
+  return run;
 }
 
 // A world of one rank, in this process (no rendezvous): the reference run's groups.

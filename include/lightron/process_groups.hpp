@@ -1,26 +1,18 @@
-// lightron/process_groups.hpp — from "N processes started by a launcher" to "a rank grid with
-// its communicators":
-//   1. rank, world size and local rank from the launcher's environment (Open MPI, MPICH,
-//      Slurm, torchrun; a plain process is a world of 1). lightron never links MPI:
-//      mpirun only starts the processes;
-//   2. a rendezvous through a c10d TCPStore at MASTER_ADDR:MASTER_PORT (under Slurm, the
-//      allocation's first host by default) that names the ranks that never arrived;
-//   3. the grid world = tp × cp × dp × pp, tensor-parallel ranks innermost (neighbours share a
+// lightron/process_groups.hpp — from "N processes that have met" (rendezvous.hpp) to "a
+// rank grid with its communicators":
+//   1. the grid world = tp × cp × dp × pp, tensor-parallel ranks innermost (neighbours share a
 //      node's fast links) and pipeline outermost, as Megatron-LM:
 //          rank = tp_rank + tp·(cp_rank + cp·(dp_rank + dp·pp_rank));
-//   4. one Gloo (CPU) or NCCL (CUDA) communicator per group this rank belongs to, each under
+//   2. one Gloo (CPU) or NCCL (CUDA) communicator per group this rank belongs to, each under
 //      its own store prefix, created in the same order on every rank; Gloo listens on this
 //      host's own interface (network.hpp finds it), so ranks may span hosts.
 // Leaves out: elastic membership changes. Introduced in tutorial stage 1.
 #pragma once
 
-#include "collectives.hpp"
-#include "network.hpp"     // this host's address towards the master; Slurm node lists
-#include "resilience.hpp"  // heartbeats: who is lost when a collective fails
+#include "rendezvous.hpp"  // launcher environment, master endpoint, the store
 
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
-#include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #if defined(USE_C10D_GLOO) && __has_include(<gloo/algorithm.h>)  // Debian: libgloo-dev
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #define LIGHTRON_HAVE_GLOO 1
@@ -30,9 +22,6 @@
 #define LIGHTRON_HAVE_NCCL 1
 #endif
 
-#include <atomic>
-#include <thread>
-
 namespace lightron {
 
 #ifdef LIGHTRON_HAVE_GLOO
@@ -40,74 +29,6 @@ constexpr bool kHaveGloo = true;   // several CPU ranks can talk
 #else
 constexpr bool kHaveGloo = false;  // e.g. a pip LibTorch without Gloo's headers
 #endif
-
-struct LaunchEnv {
-  int rank = 0, world_size = 1, local_rank = 0;
-  std::string launcher = "single process";
-};
-
-// Reads an environment variable: std::getenv, or a table in the unit tests.
-using Getenv = std::function<const char*(const char*)>;
-inline const char* process_env(const char* key) { return std::getenv(key); }
-
-// Reads the launcher's variables.
-inline LaunchEnv launch_env(const Getenv& get = process_env) {
-  struct Names { const char *launcher, *rank, *size, *local; };
-  const Names launchers[] = {{"Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"},
-                             {"MPICH/Hydra", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"},
-                             {"Slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"},
-                             {"torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"}};
-  auto number = [&](const char* key, int fallback) {
-    const char* text = get(key);
-    if (text == nullptr) return fallback;
-    char* end = nullptr;
-    long value = std::strtol(text, &end, 10);
-    require(*text != '\0' && *end == '\0' && value >= 0, "environment variable {}='{}' is not a rank number", key, text);
-    return static_cast<int>(value);
-  };
-  for (const auto& n : launchers) {
-    if (get(n.rank) == nullptr) continue;
-    LaunchEnv env{number(n.rank, 0), number(n.size, 1), number(n.local, 0), n.launcher};
-    require(env.world_size >= 1 && env.rank < env.world_size, "{}: rank {} is outside world size {} ({} / {})",
-            n.launcher, env.rank, env.world_size, n.rank, n.size);
-    return env;
-  }
-  return LaunchEnv{};
-}
-
-// Where rank 0 hosts the rendezvous store.
-struct Master {
-  std::string addr;
-  uint16_t port = 29500;
-};
-
-// MASTER_ADDR and MASTER_PORT, as torchrun sets them. Without MASTER_ADDR: under Slurm the
-// first host of the step (srun starts task 0 there), otherwise this host. Open MPI and MPICH
-// tell their ranks nothing of the kind: across hosts they need MASTER_ADDR.
-inline Master master_endpoint(const Getenv& get = process_env) {
-  Master m{"127.0.0.1"};
-  if (const char* port = get("MASTER_PORT")) {
-    char* end = nullptr;
-    const long value = std::strtol(port, &end, 10);
-    require(*port != '\0' && *end == '\0' && value >= 1 && value <= 65535,
-            "environment variable MASTER_PORT='{}' is not a port number (1-65535)", port);
-    m.port = static_cast<uint16_t>(value);
-  }
-  if (const char* addr = get("MASTER_ADDR"); addr != nullptr && *addr != '\0') {
-    m.addr = addr;
-  } else if (launch_env(get).launcher == "Slurm") {
-    for (const char* key : {"SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"}) {
-      const char* list = get(key);
-      if (list == nullptr) continue;
-      const auto hosts = slurm_hosts(list);
-      require(!hosts.empty(), "environment variable {}='{}' is not a Slurm node list: set MASTER_ADDR to rank 0's host",
-              key, list);
-      m.addr = hosts.front();
-      break;
-    }
-  }
-  return m;
-}
 
 // The grid's sizes, built by name: Layout().with_tp(2).with_dp(2). There is no positional
 // constructor, so Layout{1, 2} (which would have meant tp 1, cp 2) does not compile.
@@ -142,11 +63,6 @@ inline Coords coords_of(int64_t rank, const Layout& l) {
   return {rank % l.tp, rank / l.tp % l.cp, rank / (l.tp * l.cp) % l.dp, rank / (l.tp * l.cp * l.dp)};
 }
 inline int64_t rank_of(const Coords& c, const Layout& l) { return c.tp + l.tp * (c.cp + l.cp * (c.dp + l.dp * c.pp)); }
-
-struct GroupOptions {
-  std::chrono::milliseconds timeout{60000};  // collectives and rendezvous; c10d's default is 30 min
-  bool cuda = false;                         // NCCL for CUDA tensors, Gloo otherwise
-};
 
 #ifdef LIGHTRON_HAVE_GLOO
 // Each rank's Gloo device listens on an address of its own host: the interface named by
@@ -250,88 +166,6 @@ inline void set_rank_prefix(const ProcessGroups& g) {
                                                 g.coords.dp, g.coords.pp)
                                   : fmt::format("[rank {} | tp {} dp {} pp {}]", g.rank, g.coords.tp, g.coords.dp,
                                                 g.coords.pp);
-}
-
-// Ends the process with `message` unless disarmed within `limit`: for waits that c10d does
-// not bound itself.
-struct Watchdog {
-  std::atomic<bool> disarmed{false};
-  std::thread thread;
-  Watchdog(std::chrono::milliseconds limit, std::string message) {
-    thread = std::thread([this, limit, message] {
-      const Timer timer;
-      while (!disarmed && timer.seconds() * 1000 < double(limit.count()))
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
-      if (disarmed) return;
-      fmt::print(stderr, "error: {}\n", message);
-      std::fflush(stderr);
-      std::_Exit(1);
-    });
-  }
-  ~Watchdog() {
-    disarmed = true;
-    thread.join();
-  }
-};
-
-// The launcher's ranks meet at MASTER_ADDR:MASTER_PORT; rank 0 hosts the TCPStore (unless
-// torchrun's agent already does). Waits for everybody and names whoever never arrived.
-// Done once per process; later calls return the same store.
-inline c10::intrusive_ptr<c10d::Store> rendezvous(const LaunchEnv& env, const GroupOptions& opt) {
-  static c10::intrusive_ptr<c10d::Store> store;
-  if (store) return store;
-  const Master master = master_endpoint();
-  const std::string& host = master.addr;
-  const uint16_t port = master.port;
-  const char* agent = std::getenv("TORCHELASTIC_USE_AGENT_STORE");
-  c10d::TCPStoreOptions o;
-  o.port = port;
-  o.isServer = env.rank == 0 && !(agent && std::string(agent) == "True");
-  o.numWorkers = env.world_size;
-  o.waitWorkers = false;
-  o.timeout = opt.timeout;
-  // 1.13's store fails at once on a busy port, but says so in three log lines about sockets
-  // and an exception that reads like an unreachable rank 0. Say what it is, before trying.
-  const auto port_taken = [&] {
-    return UsageError(fmt::format("MASTER_PORT {} is already in use on {} (another job?): set MASTER_PORT to a free "
-                                  "port",
-                                  port, host));
-  };
-  if (o.isServer && !port_is_free(port)) throw port_taken();
-  // A client whose MASTER_PORT belongs to another program (another job) is accepted by it and
-  // then waits for an answer with no time limit. The arrival loop's deadline counts from here
-  // too, so that it gives up (naming who is missing) before the watchdog.
-  const Timer waited;
-  const Watchdog watchdog(opt.timeout + std::chrono::seconds(5),
-                          fmt::format("rank {}: no answer from the rendezvous store at {}:{} within {} s: is rank 0 "
-                                      "running, and is MASTER_PORT {} its store's (not another program's)?",
-                                      env.rank, host, port, opt.timeout.count() / 1000 + 5, port));
-  try {
-    store = c10::make_intrusive<c10d::TCPStore>(host, o);
-  } catch (const std::exception& e) {
-    if (o.isServer && !port_is_free(port)) throw port_taken();  // taken since the check
-    if (o.isServer)
-      throw RuntimeFailure(fmt::format("rank 0: cannot host the rendezvous store on port {} ({})", port,
-                                       first_line(e.what())));
-    throw RuntimeFailure(fmt::format("rank {}: cannot reach the rendezvous store at {}:{} within {} s ({}); is rank 0 "
-                                     "running, is MASTER_ADDR its host (not 127.0.0.1 across hosts), and are "
-                                     "MASTER_ADDR/MASTER_PORT the same on every rank?",
-                                     env.rank, host, port, opt.timeout.count() / 1000, first_line(e.what())));
-  }
-  store->set(fmt::format("lightron/arrived/{}", env.rank), std::vector<uint8_t>{1});
-  for (;;) {
-    std::vector<int> missing;
-    for (int r = 0; r < env.world_size; ++r)
-      if (!store->check({fmt::format("lightron/arrived/{}", r)})) missing.push_back(r);
-    if (missing.empty()) break;
-    if (waited.seconds() * 1000 > double(opt.timeout.count()))
-      throw RuntimeFailure(fmt::format("rank {}: rendezvous at {}:{} timed out after {} s: rank(s) {} of {} never arrived",
-                                       env.rank, host, port, opt.timeout.count() / 1000, fmt::join(missing, ","),
-                                       env.world_size));
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  start_heartbeat(env.rank, env.world_size, host, port);
-  return store;
 }
 
 // The groups of `layout` for this process. May be called again (a test trying several
