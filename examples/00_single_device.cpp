@@ -74,6 +74,7 @@ int main(int argc, char** argv) {
     Timer timer;
     int64_t last_logged = 0;
     for (int64_t it = 1; it <= train.train_iters; ++it) {
+      // [snippet: step]
       const Batch batch = make_batch(train_data, sampler.next_global_batch()[0]);  // (B, T) each
       optimizer.zero_grad();
       auto loss = model->loss(batch.tokens, batch.labels);  // forward: mean cross-entropy
@@ -83,6 +84,7 @@ int main(int argc, char** argv) {
       const double grad_norm = norm.item<double>();
       const double lr = lr_at(train, it);                   // warmup, then cosine decay
       optimizer.step(lr);
+      // [end snippet: step]
       if (it == 1 || it % 10 == 0 || it == train.train_iters) {
         const double ms_per_iter = timer.seconds() * 1000 / double(it - last_logged);
         print0("iteration {:>4}/{} | loss {:.4f} | lr {:.2e} | grad norm {:.3f} | {:.0f} ms/iter\n", it,

@@ -63,8 +63,10 @@ int main(int argc, char** argv) {
     train.lr_warmup_iters = 50;
     validate_train_config(train, /*dp_size=*/env.world_size);  // before the rendezvous: fail fast
 
+    // [snippet: groups]
     auto groups = init_process_groups(Layout().with_dp(env.world_size));
     const Group& dp = groups->dp;
+    // [end snippet: groups]
 
     IndexedDataset indexed(data_path);
     GPTDataset train_data(indexed, split_documents("969,30,1", indexed.num_sequences()).train,
@@ -92,6 +94,7 @@ int main(int argc, char** argv) {
       const auto micro_batches = sampler.next_global_batch();  // this rank's slice only
       optimizer.zero_grad();  // in place: under ddp the gradients are views into its buckets
       auto loss = torch::zeros({}, torch::kDouble);
+      // [snippet: accumulation]
       for (int64_t m = 0; m < accumulation; ++m) {
         BucketedDataParallel::NoSync no_sync;  // only the last backward communicates:
         if (ddp && m + 1 < accumulation) no_sync = ddp->no_sync();  // the earlier ones only accumulate
@@ -99,9 +102,12 @@ int main(int argc, char** argv) {
         auto micro_loss = model->loss(batch.tokens, batch.labels) / double(accumulation);
         micro_loss.backward();  // bucketed: all-reduces start here, as buckets fill
         loss += micro_loss.detach().to(torch::kDouble);
+      // [end snippet: accumulation]
       }
+      // [snippet: average_gradients]
       if (ddp) ddp->finish();                       // wait for the buckets' all-reduces
       else all_reduce_gradients(params, dp);        // naive: one all-reduce per parameter, now
+      // [end snippet: average_gradients]
       all_reduce(dp, loss, /*average=*/true);       // for the log line only
       const auto norm = grad_sq_norm(params).sqrt();
       clip_grads(params, norm, train.clip_grad);

@@ -59,8 +59,10 @@ int main(int argc, char** argv) {
     validate_train_config(train, /*dp_size=*/1);
     validate_tensor_parallel(model_config, env.world_size, sequence_parallel);  // heads, F, V divisible by tp
 
+    // [snippet: tp_group]
     auto groups = init_process_groups(Layout().with_tp(env.world_size));
     const Group& tp = groups->tp;
+    // [end snippet: tp_group]
 
     // Every tp rank reads the same batch: tensor parallelism splits the model, not the data.
     IndexedDataset indexed(data_path);
@@ -69,11 +71,13 @@ int main(int argc, char** argv) {
     DataSampler sampler(train_data.size(), train.global_batch_size, train.micro_batch_size, /*dp_rank=*/0,
                         /*dp_size=*/1, train.seed);
 
+    // [snippet: shard_model]
     torch::manual_seed(train.seed);  // the whole single-device model, on every rank ...
     auto model = std::make_shared<GPT>(model_config);
     std::map<std::string, std::vector<int64_t>> full_shape;
     for (const auto& p : model->named_parameters()) full_shape[p.key()] = p.value().sizes().vec();
     const TensorParallelInfo info = apply_tensor_parallel(*model, tp, sequence_parallel);  // ... cut to its shard
+    // [end snippet: shard_model]
 
     auto shape = [](c10::IntArrayRef dims) { return fmt::format("{}", fmt::join(dims, "x")); };  // "384x128"
     print0("tp {}{} | parameter, full shape, how it is split -> its shape on tp rank 0, 1, ...\n", tp.size,
@@ -97,7 +101,9 @@ int main(int argc, char** argv) {
     std::vector<torch::Tensor> params, counted;  // counted: in this rank's share of the gradient norm
     for (const auto& [name, p] : named_params) {
       params.push_back(p);
+      // [snippet: counted]
       if (info.sharded.count(name) || tp.rank == 0) counted.push_back(p);  // shards add up; replicas count once
+      // [end snippet: counted]
     }
     AdamW optimizer(named_params, train);
 
@@ -115,10 +121,14 @@ int main(int argc, char** argv) {
           if (key.first == "tp") print0(" {} x{} ({:.2f} MB)", key.second, c.calls, c.bytes / 1e6);
         print0("\n");
       }
+      // [snippet: sp_grads]
       for (auto& p : info.sequence_parallel_params) all_reduce(tp, p.grad());  // each rank saw T/tp of the tokens
+      // [end snippet: sp_grads]
+      // [snippet: grad_norm]
       auto sq = grad_sq_norm(counted);
       all_reduce(tp, sq);  // Σ‖g‖² over the whole model
       const auto norm = sq.sqrt();
+      // [end snippet: grad_norm]
       clip_grads(params, norm, train.clip_grad);
       const double grad_norm = norm.item<double>();
       optimizer.step(lr_at(train, it));  // every rank updates its own shard; replicas stay equal

@@ -1,4 +1,4 @@
-// 03_pipeline_parallel — stage 3: the model cut into consecutive slices of blocks, one per
+// 03_pipeline_parallel — chapter 3: the model cut into consecutive slices of blocks, one per
 // rank; micro-batches flow through the ranks like cars through a car wash.
 //
 //   mpirun -np 2 --oversubscribe --allow-run-as-root --bind-to none -x OMP_NUM_THREADS=1 \
@@ -14,7 +14,8 @@
 // the last step's timeline and the bubble: on the wall clock, replayed from the measured costs,
 // and in theory. About 15 s on 2 cores. tutorials/03_pipeline_parallel.md walks through it.
 #include <lightron/data.hpp>
-#include <lightron/trainer.hpp>
+#include <lightron/pipeline_engine.hpp>
+#include <lightron/train.hpp>
 
 #include <CLI/CLI.hpp>
 
@@ -25,17 +26,17 @@ using namespace lightron;
 
 int main(int argc, char** argv) {
   return run_main([&] {
-    std::string data_path, tokenizer_model;
-    ParallelOptions options;  // pipeline_schedule, layers_per_virtual_stage
+    std::string data_path, tokenizer_model, schedule = "1f1b";
+    int64_t layers_per_virtual_stage = 0;
     TrainConfig train;
     train.micro_batch_size = 2;
     train.train_iters = 30;
     const int64_t num_layers = 8;
-    CLI::App app{"lightron stage 3: pipeline-parallel training of a small GPT"};
+    CLI::App app{"lightron chapter 3: pipeline-parallel training of a small GPT"};
     app.add_option("--data-path", data_path, "prefix of a .bin/.idx pair")->required();
     app.add_option("--tokenizer-model", tokenizer_model, "SentencePiece .model (its .vocab is next to it)")->required();
-    app.add_option("--pipeline-schedule", options.pipeline_schedule, "afab or 1f1b");
-    app.add_option("--num-layers-per-virtual-pipeline-stage", options.layers_per_virtual_stage,
+    app.add_option("--pipeline-schedule", schedule, "afab or 1f1b");
+    app.add_option("--num-layers-per-virtual-pipeline-stage", layers_per_virtual_stage,
                    "> 0: interleaved 1f1b, each rank holding several slices");
     app.add_option("--micro-batch-size", train.micro_batch_size, "samples per micro-batch; 16 per step in all");
     app.add_option("--train-iters", train.train_iters, "optimizer steps");
@@ -61,17 +62,42 @@ int main(int argc, char** argv) {
     validate_train_config(train, /*dp_size=*/1);
     const int64_t p = env.world_size, m = train.accumulation_steps(1);
     require(p >= 2, "a pipeline needs at least 2 ranks; launch with mpirun -np 2 (or 4, 8)");
-    validate_pipeline(num_layers, p, options.layers_per_virtual_stage, m, options.pipeline_schedule);  // fail fast
+    validate_pipeline(num_layers, p, layers_per_virtual_stage, m, schedule);  // fail fast
+    const int64_t v = virtual_stages(num_layers, p, layers_per_virtual_stage);
 
     auto groups = init_process_groups(Layout().with_pp(p));
     IndexedDataset indexed(data_path);
     GPTDataset train_data(indexed, split_documents("969,30,1", indexed.num_sequences()).train,
                           model_config.seq_length, train.seed);
     DataSampler sampler(train_data.size(), train.global_batch_size, train.micro_batch_size, 0, 1, train.seed);
-    Trainer trainer(model_config, train, options, *groups);  // whole model from the seed, then cut to this stage
-    PipelineEngine& engine = *trainer.engine;  // the schedule's runner and its timeline
-    const int64_t v = trainer.stage.num_virtual;
-    print0("pp {} | schedule {}{} | {} micro-batches of {} per step\n", p, options.pipeline_schedule,
+
+    // [snippet: pp_compose]
+    torch::manual_seed(train.seed);
+    auto model = std::make_shared<GPT>(model_config);  // whole, from the seed: the weights of one device
+    PipelineStage stage = apply_pipeline_parallel(model, groups->coords.pp, p, v);  // keep this stage's layers
+    PipelineEngine engine(stage, *groups, model_config.hidden_size, /*seq_divisor=*/1);  // runs the schedule
+    const auto named_params = named_parameters_of(*model);  // this stage's only: so is the optimizer state
+    std::vector<torch::Tensor> params;
+    for (const auto& [name, param] : named_params) params.push_back(param);
+    AdamW optimizer(named_params, train);
+    // [end snippet]
+
+    // [snippet: pp_step]
+    // One optimizer step: the schedule, the tied embedding, the norm, the update.
+    auto step = [&](const std::vector<Batch>& micro_batches, int64_t iteration) {
+      optimizer.zero_grad(/*set_to_none=*/true);
+      auto loss = engine.run(micro_batches, schedule, /*train=*/true);  // pp: F and B of every micro-batch
+      if (stage.holds_tied_embedding() && !planted_bug("skip_embedding_all_reduce"))
+        all_reduce(groups->embedding, model->wte->weight.grad());  // embedding: first + last stage
+      auto sq = grad_sq_norm(parameters_of(stage.counted_once(named_params)));  // the tied copy once
+      all_reduce(groups->pp, sq);  // pp: each stage its own layers (tp would come first: chapter 4)
+      const auto norm = sq.sqrt();
+      clip_grads(params, norm, train.clip_grad);
+      optimizer.step(lr_at(train, iteration));
+      return std::make_pair(loss.item<double>(), norm.item<double>());
+    };
+    // [end snippet]
+    print0("pp {} | schedule {}{} | {} micro-batches of {} per step\n", p, schedule,
            v > 1 ? fmt::format(" interleaved over v = {} chunks per rank", v) : "", m, train.micro_batch_size);
 
     double wall = 0, replayed = 0;  // summed over iterations 6, 7, ... (the first ones warm caches up)
@@ -79,16 +105,18 @@ int main(int argc, char** argv) {
     for (int64_t it = 1; it <= train.train_iters; ++it) {
       std::vector<Batch> micro;  // the m micro-batches of this step
       for (const auto& indices : sampler.next_global_batch()) micro.push_back(make_batch(train_data, indices));
-      const double loss = trainer.step(micro, it);  // the schedule runs inside: F and B of each micro-batch
+      const auto [loss, grad_norm] = step(micro, it);
       if (it > 5) {
+        // [snippet: pp_bubble]
         auto mine = torch::tensor(engine.measured_bubble(), torch::kDouble);
         all_reduce(groups->pp, mine, /*average=*/true);
         wall += mine.item<double>();
         replayed += engine.replayed_bubble();  // a collective: every rank calls it
+        // [end snippet: pp_bubble]
       }
       if (it == 1 || it % 10 == 0 || it == train.train_iters)
         print0("iteration {:>4}/{} | loss {:.4f} | grad norm {:.3f} | {:.0f} ms/step\n", it, train.train_iters, loss,
-               trainer.grad_norm, engine.step_seconds * 1000);
+               grad_norm, engine.step_seconds * 1000);
     }
 
     // Rank 0 prints one line from each pipeline rank, in order (gathered as bytes).
@@ -99,10 +127,10 @@ int main(int argc, char** argv) {
       for (int64_t s = 0; s < p; ++s) print0("{}\n", static_cast<const char*>(all[s].data_ptr()));
     };
     std::string layers;  // this rank's chunks, e.g. "[0,1] [4,5]"
-    for (const auto& chunk : trainer.stage.chunks) layers += fmt::format("[{}] ", fmt::join(chunk, ","));
-    layers += trainer.stage.has_embedding() ? "+wte,wpe" : trainer.stage.has_head() ? "+ln_f,head" : "";
+    for (const auto& chunk : stage.chunks) layers += fmt::format("[{}] ", fmt::join(chunk, ","));
+    layers += stage.has_embedding() ? "+wte,wpe" : stage.has_head() ? "+ln_f,head" : "";
     int64_t num_params = 0;
-    for (const auto& param : trainer.params) num_params += param.numel();
+    for (const auto& param : params) num_params += param.numel();
     print0("\n{:>4} {:<26} {:>10} {:>9}\n", "rank", "layers (per chunk)", "parameters", "in flight");
     print_per_rank(fmt::format("{:>4} {:<26} {:>10} {:>9}", groups->rank, layers, num_params, engine.peak_in_flight));
 

@@ -1,4 +1,4 @@
-// 04_hybrid_3d — stage 4: the three kinds of parallelism at once, on one grid of ranks:
+// 04_hybrid_3d — chapter 4: the three kinds of parallelism at once, on one grid of ranks:
 // tensor parallel inside each pipeline stage, pipeline stages in a row, data-parallel copies
 // of the whole row. 8 ranks = tp 2 x dp 2 x pp 2.
 //
@@ -12,7 +12,7 @@
 // About 25 s on 2 cores. tutorials/04_hybrid_3d.md walks through it.
 #include <lightron/data.hpp>
 #include <lightron/generate.hpp>
-#include <lightron/trainer.hpp>
+#include <lightron/trainer_tools.hpp>
 
 #include <CLI/CLI.hpp>
 
@@ -27,7 +27,7 @@ int main(int argc, char** argv) {
     ParallelOptions options;
     TrainConfig train;
     train.train_iters = 100;
-    CLI::App app{"lightron stage 4: tensor x data x pipeline parallel training of a small GPT"};
+    CLI::App app{"lightron chapter 4: tensor x data x pipeline parallel training of a small GPT"};
     app.add_option("--data-path", data_path, "prefix of a .bin/.idx pair")->required();
     app.add_option("--tokenizer-model", tokenizer_model, "SentencePiece .model (its .vocab is next to it)")->required();
     app.add_option("--tensor-model-parallel-size", layout.tp);
@@ -86,9 +86,11 @@ int main(int argc, char** argv) {
     GPTDataset train_data(indexed, split_documents("969,30,1", indexed.num_sequences()).train,
                           model_config.seq_length, train.seed);
     // Each dp rank reads its slice of the global batch; the tp and pp ranks of one copy read the same.
+    // [snippet: sampler]
     DataSampler sampler(train_data.size(), train.global_batch_size, train.micro_batch_size, int(g.coords.dp),
                         int(layout.dp), train.seed);
     Trainer trainer(model_config, train, options, *groups);  // the whole model, sharded, then cut to this stage
+    // [end snippet: sampler]
 
     Timer timer;
     int64_t last_logged = 0;
@@ -107,9 +109,11 @@ int main(int argc, char** argv) {
     // Sampling is a collective: every rank runs the same steps with the same seed.
     const char* prompts[] = {"The", "Love is"};
     for (uint64_t i = 0; i < 2; ++i) {
-      auto ids = generate([&](const torch::Tensor& x) { return trainer.forward_logits(x); },
+      // [snippet: sample]
+      auto ids = generate([&](const torch::Tensor& x) { return full_logits(trainer, x); },
                           encode_with_cli(tokenizer_model, prompts[i]), /*new_tokens=*/40, model_config.seq_length,
                           /*temperature=*/0.8, /*top_k=*/40, /*seed=*/train.seed + i);
+      // [end snippet: sample]
       print0("--- {}\n", vocab.decode(ids));
     }
     barrier(groups->world);

@@ -85,11 +85,13 @@ struct ParallelLM : torch::nn::Module {
 void apply_tensor_parallel(ParallelLM& model, const Group& tp) {
   const auto& c = model.config;
   auto full = [](const std::shared_ptr<LinearLayer>& layer) { return *std::dynamic_pointer_cast<Linear>(layer); };
+  // [snippet: apply_tensor_parallel]
   for (auto& b : model.blocks) {
     b->qkv = b->replace_module("qkv", column_parallel_from(full(b->qkv), tp, {c.hidden, c.hidden, c.hidden}));
     b->out = b->replace_module("out", row_parallel_from(full(b->out), tp));
     b->gate_up = b->replace_module("gate_up", column_parallel_from(full(b->gate_up), tp, {c.ffn, c.ffn}));
     b->down = b->replace_module("down", row_parallel_from(full(b->down), tp));
+  // [end snippet: apply_tensor_parallel]
   }
 }
 
@@ -135,9 +137,11 @@ int main(int argc, char** argv) {
       if (save_checkpoint) trainer.save(save, {train.train_iters, sampler.consumed_samples});
       return run;
     };
+    // [snippet: parity]
     const ParityRun reference = train_on(*single_rank_groups(), /*save_checkpoint=*/false);  // this rank alone
     const ParityRun layout_run = train_on(*groups, /*save_checkpoint=*/!save.empty());
     const ParityReport report = compare_runs(reference, layout_run);
+    // [end snippet: parity]
     print0("{} steps, one rank vs tp {} x dp {}: last loss {:.6f} vs {:.6f}\nparity: {}\n", train.train_iters, layout.tp,
            layout.dp, reference.losses.back(), layout_run.losses.back(), report.summary());
     bool ok = report.equal;

@@ -10,7 +10,7 @@
 //       --data-parallel-size 2
 #include <lightron/arguments.hpp>
 #include <lightron/generate.hpp>
-#include <lightron/trainer.hpp>
+#include <lightron/trainer_tools.hpp>
 
 #include <memory>
 
@@ -62,7 +62,7 @@ void print_samples(const Arguments& a, Trainer& trainer) {
   print0("\nsamples (temperature {}, top-k {}):\n", a.temperature, a.top_k);
   for (int64_t i = 0; i < std::min<int64_t>(a.num_samples_to_print, 5); ++i) {
     auto prompt = encode_with_cli(a.tokenizer_model, prompts[i]);
-    auto ids = generate([&](const torch::Tensor& x) { return trainer.forward_logits(x); }, prompt, a.sample_tokens,
+    auto ids = generate([&](const torch::Tensor& x) { return full_logits(trainer, x); }, prompt, a.sample_tokens,
                         a.model.seq_length, a.temperature, a.top_k, a.train.seed + i);
     print0("--- {}\n", vocab.decode(ids));
   }
@@ -109,7 +109,7 @@ int main(int argc, char** argv) {
                         int(groups->coords.dp), int(a.layout.dp), a.train.seed);
     int64_t first_iteration = 1;
     if (!a.load.empty()) {
-      const auto counters = trainer.load(a.load, {a.finetune, a.no_load_optim, a.no_load_rng});
+      const auto counters = load_checkpoint(a.load, trainer, {a.finetune, a.no_load_optim, a.no_load_rng});
       first_iteration = counters.iteration + 1;
       sampler.consumed_samples = counters.consumed_samples;
       print0("resumed from {} at iteration {} ({} samples consumed)\n", a.load, counters.iteration,
@@ -168,11 +168,11 @@ int main(int argc, char** argv) {
         interval.reset();
       }
       if (!a.save.empty() && a.save_interval > 0 && it % a.save_interval == 0) {
-        trainer.save(a.save, {it, sampler.consumed_samples});
+        save_checkpoint(a.save, {it, sampler.consumed_samples}, trainer);
         saved_at = it;
       }
     }
-    if (!a.save.empty() && saved_at < a.train.train_iters) trainer.save(a.save, {a.train.train_iters, sampler.consumed_samples});
+    if (!a.save.empty() && saved_at < a.train.train_iters) save_checkpoint(a.save, {a.train.train_iters, sampler.consumed_samples}, trainer);
     print_samples(a, trainer);
     barrier(groups->world);
     return 0;

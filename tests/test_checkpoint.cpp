@@ -43,9 +43,9 @@ struct Run {
     return trainer.step(batches, ++iteration);
   }
   CheckpointCounters counters() const { return {iteration, sampler.consumed_samples}; }
-  void save(const std::string& dir) { trainer.save(dir, counters()); }
+  void save(const std::string& dir) { save_checkpoint(dir, counters(), trainer); }
   void load(const std::string& dir, const LoadOptions& o = {}) {
-    const auto k = trainer.load(dir, o);
+    const auto k = load_checkpoint(dir, trainer, o);
     iteration = k.iteration, sampler.consumed_samples = k.consumed_samples;
   }
 };
@@ -83,7 +83,7 @@ void reshard(GPTConfig flavour, const std::string& name, Layout from, Layout to)
   Run src(c, t, *g);
   for (int i = 0; i < 5; ++i) src.step();
   src.save(dir);
-  const auto weights = src.trainer.full_parameters();
+  const auto weights = full_parameters(src.trainer);
   const double next = src.step();
   static int generation = 0;
   if (g->rank < to.world()) {
@@ -94,7 +94,7 @@ void reshard(GPTConfig flavour, const std::string& name, Layout from, Layout to)
     CHECK(dst.iteration == 5);
     CHECK(dst.sampler.consumed_samples == 40);
     CHECK(dst.trainer.optimizer->step_count == 5);
-    check_bitwise_equal(dst.trainer.full_parameters(), weights);
+    check_bitwise_equal(full_parameters(dst.trainer), weights);
     dst.save(back);
     if (dst_groups->rank == 0) check_bitwise_equal(CheckpointReader(back).consolidate(), CheckpointReader(dir).consolidate());
     const double dst_next = dst.step();
@@ -104,7 +104,7 @@ void reshard(GPTConfig flavour, const std::string& name, Layout from, Layout to)
   barrier(g->world);
   Run again(c, t, *g);  // and back to the saving layout, from the other layout's checkpoint
   again.load(back);
-  check_bitwise_equal(again.trainer.full_parameters(), weights);
+  check_bitwise_equal(full_parameters(again.trainer), weights);
   CHECK(again.step() == next);
 }
 
@@ -124,7 +124,7 @@ void resume_bit_exact(GPTConfig flavour, const std::string& name, Layout layout)
   second.load(dir);
   for (int i = 0; i < 4; ++i) resumed.push_back(second.step());
   for (int i = 0; i < 4; ++i) CHECK_MESSAGE(resumed[i] == straight[4 + i], "step " << 5 + i);
-  check_bitwise_equal(second.trainer.full_parameters(), first.trainer.full_parameters());
+  check_bitwise_equal(full_parameters(second.trainer), full_parameters(first.trainer));
 }
 }  // namespace test_ckpt_detail
 
@@ -334,7 +334,7 @@ TEST_SUITE("reference_hf_dump") {
       run.save(fmt::format("{}/ckpt_{}", out, name));
       torch::manual_seed(7);
       const auto tokens = torch::randint(c.vocab_size, {1, c.seq_length});  // the same on every rank
-      const auto logits = run.trainer.forward_logits(tokens);               // (1, T, V)
+      const auto logits = full_logits(run.trainer, tokens);               // (1, T, V)
       if (g->rank == 0) write_safetensors(fmt::format("{}/logits_{}.safetensors", out, name), {{"tokens", tokens}, {"logits", logits}});
     }
     barrier(g->world);
@@ -355,7 +355,7 @@ TEST_SUITE("reference_hf_import") {
       auto g = single_process();
       Run imported(hf.config, tiny_train(8, 1), *g);
       imported.load(fmt::format("{}/imported_{}", out, name));
-      const double from_import = (imported.trainer.forward_logits(tokens) - dumped.at("logits")).abs().max().item<double>();
+      const double from_import = (full_logits(imported.trainer, tokens) - dumped.at("logits")).abs().max().item<double>();
       MESSAGE(name << ": max |logits - lightron tp2 x pp2 logits|: HF directory " << from_hf << ", imported checkpoint "
                    << from_import);
       CHECK(from_hf <= 1e-4);

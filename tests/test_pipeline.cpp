@@ -1,5 +1,6 @@
-// Stages 3 and 4 under a real mpirun: pipeline parallelism (AFAB, 1F1B, interleaved) and
-// its compositions with tp and dp, against the single-device run.
+// Chapters 3 and 4 under a real mpirun: pipeline parallelism (AFAB, 1F1B, interleaved) and
+// its compositions with tp and dp, against the single-device run; and the schedules, the
+// owner of each parameter and the dp overlap, checked on their own.
 #include "testing.hpp"
 
 namespace test_pp_detail {
@@ -62,6 +63,90 @@ TEST_CASE("pp schedules: every stage runs each (micro-batch, chunk) once forward
       }
   auto first = pipeline_actions("1f1b", 8, 4, 1, 0);  // stage 0: 3 warm-up forwards, then F B F B …
   CHECK((first[0].forward && first[2].forward && first[3].forward && !first[4].forward));
+}
+
+namespace test_pp_detail {
+// The schedules as one formula, before they were written as phases: the reference.
+std::vector<PipelineAction> one_formula_actions(const std::string& schedule, int64_t m, int64_t p, int64_t v, int64_t s) {
+  const int64_t total = m * v;
+  auto unit = [&](int64_t k, bool forward) {
+    const int64_t chunk = (k / p) % v;
+    return PipelineAction{forward, (k / (p * v)) * p + k % p, forward ? chunk : v - 1 - chunk};
+  };
+  int64_t warmup = schedule == "afab" ? total : v == 1 ? p - s - 1 : (p - s - 1) * 2 + (v - 1) * p;
+  warmup = std::min(warmup, total);
+  std::vector<PipelineAction> actions;
+  for (int64_t k = 0; k < warmup; ++k) actions.push_back(unit(k, true));
+  for (int64_t k = warmup; k < total; ++k) {
+    actions.push_back(unit(k, true));
+    actions.push_back(unit(k - warmup, false));
+  }
+  for (int64_t k = total - warmup; k < total; ++k) actions.push_back(unit(k, false));
+  return actions;
+}
+}  // namespace test_pp_detail
+
+TEST_CASE("pp schedules: the phases give the actions of the one-formula reference, and warm-ups as counted") {
+  int64_t compared = 0;
+  for (auto schedule : {"afab", "1f1b"})
+    for (int64_t p = 1; p <= 5; ++p)
+      for (int64_t v = 1; v <= 3; ++v)
+        for (int64_t m = 1; m <= 12; ++m)
+          for (int64_t s = 0; s < p; ++s) {
+            const auto actions = pipeline_actions(schedule, m, p, v, s), ref = one_formula_actions(schedule, m, p, v, s);
+            REQUIRE(actions.size() == ref.size());
+            for (size_t i = 0; i < ref.size(); ++i) {
+              INFO(schedule << " m " << m << " p " << p << " v " << v << " s " << s << " action " << i);
+              CHECK(actions[i].forward == ref[i].forward);
+              CHECK(actions[i].micro_batch == ref[i].micro_batch);
+              CHECK(actions[i].chunk == ref[i].chunk);
+            }
+            // Before the first backward: the warm-up and the steady phase's first forward, if any;
+            // that is also the most activations held at once.
+            int64_t before_first_b = 0, held = 0, peak = 0;
+            while (before_first_b < int64_t(ref.size()) && ref[before_first_b].forward) ++before_first_b;
+            for (const auto& a : ref) peak = std::max(peak, held += a.forward ? 1 : -1);
+            CHECK(std::min(warmup_forwards(schedule, m, p, v, s) + 1, m * v) == before_first_b);
+            CHECK(chunks_in_flight(schedule, m, p, v, s) == peak);
+            ++compared;
+          }
+  CHECK(compared == 2 * (1 + 2 + 3 + 4 + 5) * 3 * 12);
+}
+
+TEST_CASE("pp owner: pp_rank_of_parameter names the rank that holds, counts and saves a parameter") {
+  // 8 layers on 2 ranks: layers 0-3 on rank 0, 4-7 on rank 1; interleaved (v 2): chunks of 2
+  // layers, rank 0 holds chunks 0 and 2 (layers 0, 1, 4, 5).
+  CHECK(pp_rank_of_parameter("h.3.attn.c_attn.weight", 8, 2, 1) == 0);
+  CHECK(pp_rank_of_parameter("h.4.mlp.c_fc.bias", 8, 2, 1) == 1);
+  CHECK(pp_rank_of_parameter("h.4.mlp.c_fc.bias", 8, 2, 2) == 0);
+  CHECK(pp_rank_of_parameter("h.2.ln_1.weight", 8, 2, 2) == 1);
+  CHECK(pp_rank_of_parameter("h.7.ln_2.weight", 8, 4, 2) == 3);
+  CHECK(pp_rank_of_parameter("wte.weight", 8, 4, 1) == 0);
+  CHECK(pp_rank_of_parameter("wpe.weight", 8, 4, 1) == 0);
+  CHECK(pp_rank_of_parameter("ln_f.bias", 8, 4, 1) == 3);
+  CHECK(pp_rank_of_parameter("lm_head.weight", 8, 4, 2) == 3);
+  CHECK(pp_rank_of_parameter("h.0.ln_1.weight", 8, 1, 1) == 0);
+  CHECK_THROWS_AS(pp_rank_of_parameter("h.8.ln_1.weight", 8, 2, 1), UsageError);
+  // The last rank also holds a tied wte (its output layer's), without owning it.
+  CHECK(pp_rank_holds_parameter("wte.weight", 8, 4, 1, /*pp_rank=*/3, /*tied_embedding=*/true));
+  CHECK_FALSE(pp_rank_holds_parameter("wte.weight", 8, 4, 1, 3, false));
+  CHECK_FALSE(pp_rank_holds_parameter("wte.weight", 8, 4, 1, 2, true));
+  // The cut keeps exactly what the owner function assigns (plus the tied copy), on every rank.
+  for (auto flavour : {GPTConfig::gpt2(), GPTConfig::llama()})
+    for (int64_t v : {1, 2})
+      for (int64_t r = 0; r < 2; ++r) {
+        auto c = tiny_config(flavour, 4);
+        torch::manual_seed(0);
+        auto stage = apply_pipeline_parallel(std::make_shared<GPT>(c), r, /*pp_size=*/2, v);
+        std::set<std::string> kept, expected;
+        for (auto& p : stage.model->named_parameters()) kept.insert(p.key());
+        for (auto& p : GPT(c).named_parameters())
+          if (pp_rank_holds_parameter(p.key(), 4, 2, v, r, c.tied())) expected.insert(p.key());
+        CHECK(kept == expected);
+        for (auto& [name, p] : stage.counted_once(named_parameters_of(*stage.model)))
+          CHECK(pp_rank_of_parameter(name, 4, 2, v) == r);
+        CHECK(stage.holds_tied_embedding() == c.tied());  // with 2 ranks, each is the first or the last
+      }
 }
 
 TEST_SUITE("mpi_pp") {
@@ -136,6 +221,53 @@ TEST_SUITE("mpi_pp_tp") {
 TEST_SUITE("mpi_pp_dp") {
   TEST_CASE("dp2 x pp2 parity: GPT-2, 1F1B") { pp_parity(GPTConfig::gpt2(), 1, 2, "1f1b"); }
   TEST_CASE("dp2 x pp2 parity: Llama, AFAB") { pp_parity(GPTConfig::llama(), 1, 2, "afab"); }
+
+  // The engine releases no_sync before this rank's last backward: the buckets that backward
+  // completes start their all-reduces during it; finish() starts the rest (under interleaving,
+  // the buckets of chunk 1, whose last backward came earlier). Against the same step with every
+  // all-reduce started in finish(), the gradients are equal bit for bit.
+  TEST_CASE("dp2 x pp2 overlap: buckets start during the last backward, gradients as without overlap") {
+    auto g = groups_for(1, 2);
+    REQUIRE(g->layout.pp == 2);
+    for (auto [schedule, layers_per_virtual] : {std::pair{"1f1b", int64_t(0)}, std::pair{"afab", int64_t(0)},
+                                                std::pair{"1f1b", int64_t(1)}}) {
+      CAPTURE(schedule);
+      CAPTURE(layers_per_virtual);
+      const auto c = tiny_config(GPTConfig::gpt2(), 4);
+      const auto train = tiny_train(/*global_batch=*/8, /*micro_batch=*/1);
+      ParallelOptions o;
+      o.pipeline_schedule = schedule;
+      o.layers_per_virtual_stage = layers_per_virtual;
+      o.ddp_bucket_size = 5000;  // elements: several buckets per rank
+      Trainer overlapped(c, train, o, *g), after(c, train, o, *g);
+      REQUIRE(overlapped.ddp->num_buckets() > 2);
+      MockGPTDataset data(c.vocab_size, c.seq_length, 256, 1);
+      std::vector<Batch> micro;
+      for (int64_t i = 0; i < train.accumulation_steps(2); ++i) micro.push_back(make_batch(data, {4 * g->coords.dp + i}));
+      overlapped.engine->run(micro, schedule, /*train=*/true, overlapped.ddp.get());
+      overlapped.ddp->finish();
+      {
+        auto no_sync = after.ddp->no_sync();  // every all-reduce in finish(), after the last backward
+        after.engine->run(micro, schedule, /*train=*/true);
+      }
+      after.ddp->finish();
+      for (size_t i = 0; i < overlapped.params.size(); ++i) {
+        CAPTURE(overlapped.named_params[i].first);
+        CHECK(torch::equal(overlapped.params[i].grad(), after.params[i].grad()));
+      }
+      double last_b_start = 0, last_b_end = 0, first_launch = 1e9;
+      size_t launches = 0;
+      for (const auto& e : overlapped.engine->timeline) {
+        if (e.kind == "B" && e.end > last_b_end) last_b_start = e.start, last_b_end = e.end;
+        if (e.kind == "allreduce") first_launch = std::min(first_launch, e.start), ++launches;
+        if (e.kind == "allreduce") CHECK(e.end >= e.start);
+      }
+      CHECK(launches == overlapped.ddp->num_buckets());  // each bucket once
+      CHECK(first_launch > last_b_start);
+      CHECK(first_launch < last_b_end);  // started inside the last backward
+      for (const auto& e : after.engine->timeline) CHECK(e.kind != "allreduce");
+    }
+  }
 }
 
 TEST_SUITE("mpi_3d") {

@@ -1,4 +1,4 @@
-// Stage 2 under a real mpirun: tensor parallelism with tp = world (np 2 and 4), and tp2 x dp2.
+// Chapter 2 under a real mpirun: tensor parallelism with tp = world (np 2 and 4), and tp2 x dp2.
 // Layer by layer against ordinary full layers, the mappings against exact numbers, the
 // sharding round trip, then whole-model parity with the single-device run.
 #include "testing.hpp"
@@ -43,7 +43,8 @@ void tp_parity(GPTConfig flavour, bool sequence_parallel, int64_t dp = 1) {
   check_parity(ref, run);
 }
 
-// tp all-reduce / reduce-scatter / all-gather bytes of one forward+backward at `layers`.
+// tp all-reduce / reduce-scatter / all-gather bytes of one training step at `layers`, and
+// "replicated": the bytes of the parameters whose gradients are summed over tp (SP only).
 std::map<std::string, int64_t> comm_bytes(int64_t layers, bool sequence_parallel, ProcessGroups& g) {
   auto c = tiny_config(GPTConfig::gpt2(), layers);
   ParallelOptions o;
@@ -54,6 +55,7 @@ std::map<std::string, int64_t> comm_bytes(int64_t layers, bool sequence_parallel
   trainer.step({make_batch(data, {0, 1})}, 1);
   std::map<std::string, int64_t> bytes;
   for (auto op : {"all_reduce", "reduce_scatter", "all_gather"}) bytes[op] = comm_stats().get("tp", op).bytes;
+  for (auto& p : trainer.tp_info.sequence_parallel_params) bytes["replicated"] += p.numel() * 4;
   return bytes;
 }
 }  // namespace test_tp_detail
@@ -147,7 +149,7 @@ TEST_SUITE("mpi_tp") {
       torch::manual_seed(1234);
       GPT whole(c);
       Trainer trainer(c, tiny_train(8, 2), ParallelOptions{}, *g);  // seeds 1234 and shards
-      auto gathered = trainer.full_parameters();
+      auto gathered = full_parameters(trainer);
       REQUIRE(gathered.size() == whole.named_parameters().size());
       for (auto& p : whole.named_parameters()) CHECK_MESSAGE(torch::equal(gathered.at(p.key()), p.value()), p.key());
       CHECK(!trainer.tp_info.sharded.empty());
@@ -172,6 +174,40 @@ TEST_SUITE("mpi_tp") {
     CHECK(sp2["reduce_scatter"] - sp1["reduce_scatter"] == 4 * bytes);
     CHECK(sp2["all_gather"] - sp1["all_gather"] == 4 * bytes / g->tp.size);
     CHECK(sp2["all_reduce"] - sp1["all_reduce"] == 6 * C * 4);
+    // The whole step, exactly: the output layer adds an all-gather forward and a
+    // reduce-scatter backward; the embedding a reduce-scatter forward (each rank keeps its
+    // T/p tokens, no all-reduce) and an all-gather backward. All-reduces left: the loss's
+    // three of B·T floats, the replicated gradients, and the 8-byte gradient norm.
+    auto check_step = [&](int64_t L, std::map<std::string, int64_t>& sp) {
+      CHECK(sp["reduce_scatter"] == (4 * L + 2) * bytes);
+      CHECK(sp["all_gather"] == (4 * L + 2) * bytes / g->tp.size);
+      CHECK(sp["all_reduce"] == 3 * B * T * 4 + sp["replicated"] + 8);
+    };
+    check_step(1, sp1);
+    check_step(2, sp2);
+  }
+
+  TEST_CASE("sequence-parallel embedding: a reduce-scatter along T, wpe added once, exact gradients") {
+    auto g = tp_groups();
+    const int64_t p = g->tp.size, r = g->tp.rank, B = 2, T = 2 * p, C = 8, V = 5 * p;
+    auto table = shared_randn({V, C}, 21), positions = shared_randn({T, C}, 22), de = shared_randn({B, T, C}, 23);
+    auto ids = torch::randint(V, {B, T}, at::detail::createCPUGenerator(24), torch::kLong);
+    auto tf = table.clone().requires_grad_(), pf = positions.clone().requires_grad_();
+    auto full = torch::embedding(tf, ids) + torch::embedding(pf, torch::arange(T));  // (B, T, C)
+    (full * de).sum().backward();
+    VocabParallelEmbedding wte(shard(table, ShardSpec{0, {V}}, r, p), g->tp, /*sp=*/true);
+    SequenceShardedPositions wpe(positions.clone(), g->tp);
+    comm_stats().reset();
+    auto x = wte.forward(ids) + wpe.forward(torch::arange(T));  // (B, T/p, C)
+    check_close(x, full.detach().chunk(p, 1)[r], "this rank's T/p of the embedding");
+    (x * de.chunk(p, 1)[r]).sum().backward();
+    check_close(wte.weight.grad(), shard(tf.grad(), ShardSpec{0, {V}}, r, p), "wte grad");
+    all_reduce(g->tp, wpe.weight.grad());  // as the trainer does for sequence_parallel_params
+    check_close(wpe.weight.grad(), pf.grad(), "wpe grad, summed over tp");
+    CHECK(comm_stats().get("tp", "reduce_scatter").calls == 1);
+    CHECK(comm_stats().get("tp", "reduce_scatter").bytes == B * T * C * 4);  // forward: the whole (B, T, C)
+    CHECK(comm_stats().get("tp", "all_gather").bytes == B * T / p * C * 4);  // backward: this rank's gradient
+    CHECK(comm_stats().get("tp", "all_reduce").calls == 1);                  // only the wpe sum above
   }
 }
 

@@ -41,8 +41,8 @@ add_test(NAME consumer COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/consumer/../cons
 # bench/gpu_check.sh's logic at toy size on the CPU (the GPU machine runs it for real).
 add_test(NAME gpu_check_dry_run COMMAND env PYTHON=/usr/bin/python3 BUILD=${PROJECT_BINARY_DIR}
          OUT=${CMAKE_CURRENT_BINARY_DIR}/gpu_check_dry_run bash ${PROJECT_SOURCE_DIR}/bench/gpu_check.sh --cpu-dry-run)
-add_test(NAME tutorials COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/tutorial_commands.py --root ${PROJECT_SOURCE_DIR})
-set_tests_properties(tutorials PROPERTIES RUN_SERIAL ON)
+add_test(NAME tutorials COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/tutorial_commands.py --root ${PROJECT_SOURCE_DIR} --timeout 600)
+set_tests_properties(tutorials PROPERTIES RUN_SERIAL ON TIMEOUT 1800)
 
 # The course notebooks (notebooks/*.ipynb), executed headlessly: each asserts what it plots and
 # writes its figures to notebooks/figures/. Serial: they launch up to 8 ranks at a time.
@@ -56,6 +56,11 @@ add_test(NAME header_sets COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/h
          --root ${PROJECT_SOURCE_DIR} --jobs 2)
 set_tests_properties(header_sets PROPERTIES TIMEOUT 900 PROCESSORS 2)
 
+# The headers that carry the course's ideas stay readable: no function longer than 60 lines,
+# and the README's table of them (with line counts) is current.
+add_test(NAME function_length COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/function_length_check.py
+         --root ${PROJECT_SOURCE_DIR})
+
 # Chapter 6, your own model: examples/06_your_own_model trains a model that is not lightron's
 # GPT on tp 2, dp 2 and tp 2 x dp 2, checks every step against one rank (parity.hpp), and
 # loads the layout's checkpoint back into one unsplit model, bit for bit. Exit 1 on any difference.
@@ -63,3 +68,16 @@ set(YOUR_MODEL $<TARGET_FILE:06_your_own_model>)
 lightron_mpi_test(your_own_model_tp2 2 ${YOUR_MODEL} --tensor-model-parallel-size 2 --save ${CMAKE_CURRENT_BINARY_DIR}/your_own_model_tp2)
 lightron_mpi_test(your_own_model_dp2 2 ${YOUR_MODEL} --save ${CMAKE_CURRENT_BINARY_DIR}/your_own_model_dp2)
 lightron_mpi_test(your_own_model_tp2_dp2 4 ${YOUR_MODEL} --tensor-model-parallel-size 2 --save ${CMAKE_CURRENT_BINARY_DIR}/your_own_model_tp2_dp2)
+
+# "Break it" exercises (tutorials 01-04): each plants one real bug (LIGHTRON_BREAK, core.hpp)
+# and checks that the chapter's parity test catches it and names the first difference.
+function(lightron_break_it_test bug np test_case)
+  add_test(NAME break_${bug} COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/break_it_test.sh ${bug} ${np} ${test_case}
+           ${LIGHTRON_MPIRUN} ${LIGHTRON_NEXT_PORT} $<TARGET_FILE:lightron_tests>)
+  math(EXPR next "${LIGHTRON_NEXT_PORT} + 1")
+  set(LIGHTRON_NEXT_PORT ${next} PARENT_SCOPE)
+endfunction()
+lightron_break_it_test(dp_average_twice 2 "dp parity: bucketed* one micro-batch per rank")
+lightron_break_it_test(tp_f_backward 2 "tp parity: GPT-2")
+lightron_break_it_test(skip_embedding_all_reduce 2 "pp parity: 1F1B*GPT-2")
+lightron_break_it_test(skip_sp_grad_all_reduce 2 "tp parity: GPT-2 with sequence parallel")

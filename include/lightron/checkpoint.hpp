@@ -9,9 +9,10 @@
 // temporary name, renamed when complete); after a barrier rank 0 writes the manifest, renames
 // the directory, and writes latest.json last. A crash leaves at worst a *.tmp directory,
 // which loading skips, and says so. Reading it back, under any layout: checkpoint_load.hpp.
-// Leaves out: asynchronous saving, ZeRO-sharded optimizer state. Tutorial stage 5.
+// Leaves out: asynchronous saving, ZeRO-sharded optimizer state. Chapter 5.
 #pragma once
 
+#include "pipeline_parallel.hpp"  // pp_rank_of_parameter: who saves a parameter
 #include "process_groups.hpp"
 #include "safetensors.hpp"
 #include "tp_model.hpp"
@@ -146,16 +147,28 @@ inline nlohmann::json shard_metadata(const ShardedTensor& s) {
 
 // What a checkpoint needs to know of a model besides its optimizer's tensors: a description
 // for the manifest (lightron's GPT: its config), how to refuse a checkpoint of another model,
-// and how each parameter splits over tp. lightron's GPT and any model built from the
-// tensor-parallel layers (its splits read from the module tree) have one each.
+// how each parameter splits over tp, and which pipeline rank saves a parameter that several
+// hold. lightron's GPT and any model built from the tensor-parallel layers (its splits read
+// from the module tree; no pipeline) have one each.
 struct CheckpointModel {
   nlohmann::json description;
   std::function<ShardSpec(const std::string&)> spec_of;
   std::function<void(const nlohmann::json& saved, const std::string& where)> check_same;
+  // Whether pipeline rank pp_rank saves a parameter it holds; empty: it does.
+  std::function<bool(const std::string& name, int64_t pp_rank, int64_t pp_size)> saved_by_pp_rank;
 };
-inline CheckpointModel checkpoint_model(const GPTConfig& c) {
+// GPT cut into pp_size x num_virtual chunks (pipeline_parallel.hpp): a parameter is saved by
+// its owner, pp_rank_of_parameter (a tied wte by rank 0, not by the last rank's copy).
+inline CheckpointModel checkpoint_model(const GPTConfig& c, int64_t num_virtual = 1) {
+  auto saved_by = [c, num_virtual](const std::string& name, int64_t pp_rank, int64_t pp_size) {
+    require(pp_rank_holds_parameter(name, c.num_layers, pp_size, num_virtual, pp_rank, c.tied()),
+            "checkpoint: pipeline rank {} holds '{}', which a cut into {} x {} chunks puts elsewhere; pass the "
+            "stage's num_virtual to checkpoint_model(config, num_virtual)", pp_rank, name, pp_size, num_virtual);
+    return pp_rank_of_parameter(name, c.num_layers, pp_size, num_virtual) == pp_rank;
+  };
   return {config_to_json(c), [c](const std::string& name) { return tp_shard_spec(name, c); },
-          [c](const nlohmann::json& saved, const std::string& where) { check_same_model(config_from_json(saved), c, where); }};
+          [c](const nlohmann::json& saved, const std::string& where) { check_same_model(config_from_json(saved), c, where); },
+          saved_by};
 }
 inline CheckpointModel checkpoint_model(const torch::nn::Module& model, const nlohmann::json& description) {
   auto specs = std::make_shared<std::map<std::string, ShardSpec>>(tp_shard_specs(model));
@@ -168,15 +181,17 @@ inline CheckpointModel checkpoint_model(const torch::nn::Module& model, const nl
 }
 
 // This rank's share: parameters and moments, each stored once across the grid: dp (and cp)
-// ranks > 0 hold replicas, replicated parameters come from tp rank 0, and wte from the first
-// stage (the last stage's tied copy is the same tensor, bit for bit).
+// ranks > 0 hold replicas, replicated parameters come from tp rank 0, and a parameter that
+// several pipeline ranks hold from its owner (the last stage's tied copy of wte is the first
+// stage's tensor, bit for bit).
 inline std::vector<ShardedTensor> checkpoint_shards(const AdamW& optimizer, const CheckpointModel& model,
                                                     const ProcessGroups& g) {
   std::vector<ShardedTensor> out;
   if (g.coords.dp != 0 || g.coords.cp != 0) return out;
   for (const auto& s : optimizer.slots) {
     const ShardSpec spec = g.layout.tp > 1 ? model.spec_of(s.name) : ShardSpec{};
-    if ((spec.dim < 0 && g.coords.tp != 0) || (s.name == "wte.weight" && g.coords.pp != 0)) continue;
+    if (spec.dim < 0 && g.coords.tp != 0) continue;
+    if (model.saved_by_pp_rank && !model.saved_by_pp_rank(s.name, g.coords.pp, g.layout.pp)) continue;
     out.push_back({s.name, s.param.detach(), spec, g.coords.tp, g.layout.tp});
     out.push_back({"exp_avg." + s.name, s.exp_avg, spec, g.coords.tp, g.layout.tp});
     out.push_back({"exp_avg_sq." + s.name, s.exp_avg_sq, spec, g.coords.tp, g.layout.tp});

@@ -126,12 +126,14 @@ inline Pending launch(const Group& g, const std::string& op, int64_t bytes, Laun
 }
 
 // Sum (or average) `t` in place across the group. Returns a Pending to overlap with work.
+// [snippet: all_reduce_async]
 inline Pending all_reduce_async(const Group& g, torch::Tensor t, bool average = false) {
   if (g.size == 1) return Pending{};
   std::vector<torch::Tensor> tensors{t};
   auto p = launch(g, "all_reduce", nbytes(t), [&] { return g.pg->allreduce(tensors); });
   if (average) p.then = [t, n = g.size]() mutable { t.div_(n); };  // Gloo 1.13 has no AVG
   return p;
+// [end snippet: all_reduce_async]
 }
 inline void all_reduce(const Group& g, torch::Tensor t, bool average = false) { all_reduce_async(g, t, average).wait(); }
 

@@ -11,9 +11,11 @@
 
 #include <torch/torch.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>  // fmt::join
 
 #include <malloc.h>  // mallopt
 
+#include <algorithm>
 #include <chrono>
 #include <climits>
 #include <cstdio>
@@ -124,6 +126,30 @@ inline void remove_tree(const std::filesystem::path& path) {
 // "h.0.attn.c_proj.weight" ends with "c_proj.weight": parameter names pick init and sharding.
 inline bool name_ends_with(const std::string& name, const std::string& suffix) {
   return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// "Break it" exercises (tutorials, chapters 1-4): LIGHTRON_BREAK=<name> plants one real bug,
+// so that a student can watch a parity test catch it. Only the tests and the exercises set
+// it; an unknown name is an error, and a planted bug says so on stderr (rank 0, once).
+inline const std::vector<std::string>& planted_bug_names() {
+  static const std::vector<std::string> names{
+      "dp_average_twice",            // chapter 1: the gradients are divided by dp twice
+      "tp_f_backward",               // chapter 2: f's backward forgets its all-reduce
+      "skip_embedding_all_reduce",   // chapter 3: the tied embedding's copies drift apart
+      "skip_sp_grad_all_reduce"};    // chapter 4: sequence-parallel replicas are not summed over tp
+  return names;
+}
+inline bool planted_bug(const std::string& name) {
+  static const std::string planted = [] {
+    const char* v = std::getenv("LIGHTRON_BREAK");
+    const std::string s = v ? v : "";
+    const auto& names = planted_bug_names();
+    if (!s.empty() && std::find(names.begin(), names.end(), s) == names.end())
+      throw UsageError(fmt::format("LIGHTRON_BREAK={} is not a planted bug; one of: {}", s, fmt::join(names, ", ")));
+    if (!s.empty() && global_rank() == 0) fmt::print(stderr, "warning: LIGHTRON_BREAK={}: a bug is planted on purpose\n", s);
+    return s;
+  }();
+  return planted == name;
 }
 
 // Bytes a tensor holds.

@@ -221,8 +221,10 @@ class DataSampler {
       permutation_epoch_ = epoch();
     }
     const int64_t used_per_epoch = batches_per_epoch() * global_batch_size_;
+    // [snippet: rank_slice]
     const int64_t per_rank = global_batch_size_ / dp_size_;
     int64_t next = consumed_samples % used_per_epoch + dp_rank_ * per_rank;
+    // [end snippet: rank_slice]
     std::vector<std::vector<int64_t>> micro_batches(static_cast<size_t>(num_micro_batches()));
     for (auto& micro : micro_batches)
       for (int64_t b = 0; b < micro_batch_size_; ++b)
@@ -248,8 +250,10 @@ inline Batch make_batch(const GPTSampleSource& source, const std::vector<int64_t
   require(!indices.empty(), "make_batch needs at least one sample index");
   std::vector<torch::Tensor> rows;
   for (int64_t i : indices) rows.push_back(source.get(i));
+  // [snippet: make_batch]
   auto samples = torch::stack(rows);  // (B, T+1)
   return {samples.slice(1, 0, -1).contiguous(), samples.slice(1, 1).contiguous()};
+  // [end snippet: make_batch]
 }
 
 }  // namespace lightron

@@ -9,9 +9,10 @@
 //     that are ready; when a bucket is complete its all-reduce starts right away, while
 //     backward is still computing earlier layers' gradients. finish() waits before the
 //     optimizer step. With gradient accumulation, backward inside no_sync() only accumulates
-//     and the last micro-batch communicates.
+//     and the last micro-batch communicates; with a pipeline, PipelineEngine::run holds
+//     no_sync() until this rank's last backward (pipeline_engine.hpp).
 // Also: check_replicas, which hashes the parameters and names a replica that diverged.
-// Leaves out: ZeRO (sharding the optimizer state). Introduced in tutorial stage 1.
+// Leaves out: ZeRO (sharding the optimizer state). Chapter 1.
 #pragma once
 
 #include "process_groups.hpp"
@@ -114,15 +115,26 @@ class BucketedDataParallel {
   // gradient this step counts as zero), launch the buckets that backward did not, wait for
   // all of them. Gradients are then averaged over the dp group, and the wrapper is re-armed.
   void finish() {
-    for (auto& bucket : state_->buckets) {
-      for (size_t i = 0; i < bucket.params.size(); ++i)
-        if (!bucket.ready[i]) adopt(bucket, i, /*absent_is_zero=*/true);
-      if (!bucket.pending.work) bucket.launch(state_->dp);
+    auto& buckets = state_->buckets;
+    for (size_t b = 0; b < buckets.size(); ++b) {
+      for (size_t i = 0; i < buckets[b].params.size(); ++i)
+        if (!buckets[b].ready[i]) adopt(buckets[b], i, /*absent_is_zero=*/true);
+      if (!buckets[b].pending.work) state_->launch(b);
     }
-    for (auto& bucket : state_->buckets) bucket.wait_and_rearm();
+    for (size_t b = 0; b < buckets.size(); ++b) {
+      buckets[b].wait_and_rearm();
+      if (state_->observer) state_->observer(b, /*done=*/true);
+    }
+    state_->observer = nullptr;
   }
 
   size_t num_buckets() const { return state_->buckets.size(); }
+
+  // Until finish() returns, `observer(bucket, done)` is called when a bucket's all-reduce
+  // starts (done = false) and when finish() has waited for it (done = true): for timelines.
+  void observe_this_step(std::function<void(size_t bucket, bool done)> observer) {
+    state_->observer = std::move(observer);
+  }
 
  private:
   struct Bucket {
@@ -133,7 +145,10 @@ class BucketedDataParallel {
     std::vector<bool> ready;  // gradient complete for this step's communication
     size_t num_ready = 0;
     Pending pending;
-    void launch(const Group& dp) { pending = all_reduce_async(dp, flat, /*average=*/true); }
+    void launch(const Group& dp) {
+      if (planted_bug("dp_average_twice")) flat.div_(dp.size);  // the "break it" exercise of chapter 1
+      pending = all_reduce_async(dp, flat, /*average=*/true);
+    }
     void wait_and_rearm() {  // the all-reduce done, the bucket counts afresh
       pending.wait();
       ready.assign(params.size(), false);
@@ -144,6 +159,11 @@ class BucketedDataParallel {
     Group dp;
     std::vector<Bucket> buckets;
     bool sync = true;
+    std::function<void(size_t, bool)> observer;  // see observe_this_step
+    void launch(size_t b) {
+      buckets[b].launch(dp);
+      if (observer) observer(b, /*done=*/false);
+    }
   };
 
   // Runs on the parameter's gradient accumulator. Before accumulating: an all-reduce still
@@ -164,10 +184,12 @@ class BucketedDataParallel {
       auto s = state.lock();
       if (!s) return outputs;  // the wrapper is gone: plain local gradients
       auto& bk = s->buckets[bucket];
+      // [snippet: bucket_ready]
       adopt(bk, index, /*absent_is_zero=*/false);
       if (s->sync && !bk.ready[index]) {
         bk.ready[index] = true;
-        if (++bk.num_ready == bk.params.size()) bk.launch(s->dp);
+        if (++bk.num_ready == bk.params.size()) s->launch(bucket);
+      // [end snippet: bucket_ready]
       }
       return outputs;
     }

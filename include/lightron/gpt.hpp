@@ -232,10 +232,12 @@ struct Block : torch::nn::Module {
     ln_2 = register_module("ln_2", std::make_shared<Norm>(c.hidden_size, c.rms_norm(), c.norm_epsilon));
     mlp = register_module("mlp", std::make_shared<MLP>(c));
   }
+  // [snippet: block_forward]
   torch::Tensor forward(const torch::Tensor& x) {  // pre-norm residual block, (B, T, C)
     auto h = x + attn->forward(ln_1->forward(x));
     return h + mlp->forward(ln_2->forward(h));
   }
+  // [end snippet: block_forward]
 };
 
 // Cross-entropy averaged over all B·T tokens, in fp32. logits (B, T, V), labels (B, T). log_softmax
@@ -253,8 +255,6 @@ struct GPT : torch::nn::Module {
   std::shared_ptr<LinearLayer> lm_head;  // TiedLinear (not registered) or Linear
   // (logits, labels) -> mean loss; tensor_parallel.hpp swaps in the vocab-parallel one.
   std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)> loss_fn = cross_entropy_loss;
-  // Applied to the token embeddings; sequence parallel keeps this rank's part of T.
-  std::function<torch::Tensor(const torch::Tensor&)> sequence_scatter = [](const torch::Tensor& x) { return x; };
 
   explicit GPT(const GPTConfig& c) : config(c) {
     validate_model_config(c);
@@ -284,16 +284,18 @@ struct GPT : torch::nn::Module {
   }
 
   torch::Tensor embed(const torch::Tensor& ids) {  // (B, T) -> (B, T, C)
-    auto x = sequence_scatter(wte->forward(ids));
+    auto x = wte->forward(ids);  // sequence parallel: this rank's (B, T/tp, C), summed over tp
     if (wpe) x = x + wpe->forward(torch::arange(ids.size(1), ids.options()));
     return x;
   }
   torch::Tensor logits(const torch::Tensor& x) { return lm_head->forward(ln_f->forward(x)); }  // (B, T, V)
+  // [snippet: gpt_forward]
   torch::Tensor forward(const torch::Tensor& ids) {
     auto x = embed(ids);
     for (auto& block : blocks) x = block->forward(x);
     return logits(x);
   }
+  // [end snippet: gpt_forward]
   torch::Tensor loss(const torch::Tensor& ids, const torch::Tensor& labels) { return loss_fn(forward(ids), labels); }
 };
 

@@ -1,12 +1,12 @@
 // lightron/memory.hpp — how much memory each rank of a layout needs, before anything is
 // allocated (`pretrain_gpt --dry-run`). Parameters, gradients and AdamW state are exact:
 // the parameters are enumerated from the config, split by tp_shard_spec and assigned to
-// pipeline stages by chunk_layers, as the run itself does (a test checks the equality).
+// pipeline ranks by pp_rank_holds_parameter, as the run itself does (a test checks the equality).
 // Activations are an estimate: the tensors autograd keeps per layer and micro-batch, times
-// the micro-batches a schedule holds in flight. Introduced in tutorial stage 3.
+// the micro-batches a schedule holds in flight (chunks_in_flight). Chapter 3.
 #pragma once
 
-#include "pipeline_parallel.hpp"
+#include "pipeline_schedule.hpp"  // chunks_in_flight
 #include "tp_model.hpp"
 
 namespace lightron {
@@ -50,19 +50,10 @@ inline MemoryEstimate estimate_memory(const GPTConfig& c, const Layout& layout, 
                                       int64_t micro_batch, int64_t micro_batches, int64_t layers_per_virtual_stage,
                                       const std::string& schedule, bool sequence_parallel) {
   const int64_t p = layout.pp, tp = layout.tp, v = virtual_stages(c.num_layers, p, layers_per_virtual_stage);
-  const auto chunks = chunk_layers(c.num_layers, p * v);
-  std::vector<bool> mine(c.num_layers, false);
-  for (int64_t k = 0; k < v; ++k)
-    for (int64_t layer : chunks[k * p + coords.pp]) mine[layer] = true;
-  const bool first = coords.pp == 0, last = coords.pp == p - 1;
+  const bool last = coords.pp == p - 1;
   MemoryEstimate m;
   for (const auto& [name, shape] : parameter_shapes(c)) {
-    bool held;
-    if (name.rfind("h.", 0) == 0) held = mine[std::stoll(name.substr(2, name.find('.', 2) - 2))];
-    else if (name.rfind("wte.", 0) == 0) held = first || (last && c.tied());
-    else if (name.rfind("wpe.", 0) == 0) held = first;
-    else held = last;  // ln_f, lm_head
-    if (!held) continue;
+    if (!pp_rank_holds_parameter(name, c.num_layers, p, v, coords.pp, c.tied())) continue;
     int64_t numel = 1;
     for (int64_t d : shape) numel *= d;
     m.parameters += tp_shard_spec(name, c).dim >= 0 ? numel / tp : numel;
@@ -76,17 +67,18 @@ inline MemoryEstimate estimate_memory(const GPTConfig& c, const Layout& layout, 
   const int64_t fc = c.swiglu ? 3 * c.ffn() : 2 * c.ffn();
   const int64_t per_layer = B * T * (10 * C / (sequence_parallel ? tp : 1) + (2 * c.qkv_size() + fc) / tp) +
                             2 * B * (H / tp) * T * T;
-  // Chunks whose activations are held at once, as pipeline_actions schedules them: every
-  // chunk of every micro-batch for AFAB; the warm-up forwards plus one for 1F1B.
-  const int64_t chunk_size = c.num_layers / (p * v), s = coords.pp, units = micro_batches * v;
-  const int64_t warmup = v == 1 ? p - s - 1 : (p - s - 1) * 2 + (v - 1) * p;
-  const int64_t in_flight = p == 1 ? 1 : schedule == "afab" ? units : std::min(units, warmup + 1);
+  // Chunks whose activations are held at once, as the schedule runs them (one micro-batch
+  // at a time without a pipeline).
+  // [snippet: activation_in_flight]
+  const int64_t in_flight = p == 1 ? 1 : chunks_in_flight(schedule, micro_batches, p, v, coords.pp);
+  const auto chunks = chunk_layers(c.num_layers, p * v);
   int64_t layers = 0;
-  for (bool b : mine) layers += b;
-  const int64_t held_layers = p == 1 || v == 1 ? layers * in_flight : chunk_size * in_flight;
+  for (int64_t k = 0; k < v; ++k) layers += int64_t(chunks[k * p + coords.pp].size());
+  const int64_t held_layers = p == 1 || v == 1 ? layers * in_flight : c.num_layers / (p * v) * in_flight;
   // ... plus the output layer's fp32 logits (B·T·V/tp) on the last stage.
   const int64_t logits = last ? B * T * c.vocab_size / tp : 0;
   m.activation_bytes = 4 * (per_layer * held_layers + logits);
+  // [end snippet: activation_in_flight]
   return m;
 }
 

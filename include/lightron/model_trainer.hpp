@@ -97,4 +97,11 @@ class ModelTrainer {
   nlohmann::json description_;
 };
 
+// The question parity.hpp's record_run asks of any trainer, as a free function like
+// Trainer's (trainer_tools.hpp).
+template <typename Model>
+inline std::map<std::string, torch::Tensor> full_parameters(const ModelTrainer<Model>& trainer) {
+  return trainer.full_parameters();
+}
+
 }  // namespace lightron

@@ -105,7 +105,7 @@ inline ParityRun record_run(StepTrainer& trainer, const GPTSampleSource& data, D
     run.losses.push_back(trainer.step(batches, it));
     run.grad_norms.push_back(trainer.grad_norm);
   }
-  run.params = trainer.full_parameters();
+  run.params = full_parameters(trainer);
   return run;
 }
 

@@ -4,15 +4,19 @@
 // The first chunk also owns the embeddings, the last one the final norm, the output layer
 // and the loss. Everything else is dropped from this rank's model, so its parameters (and
 // its optimizer state) are those of its stage only. Parameter names stay global ("h.5.…").
+// One function answers "which pipeline rank owns this parameter" (pp_rank_of_parameter):
+// the cut, the memory estimate, the gradient norm and the checkpoint all ask it.
 //
 // Tied embeddings: the last stage keeps its own copy of wte.weight for the output layer;
 // after backward the two copies' gradients are summed over the embedding group (first and
-// last stage), so both stay equal, as Megatron-LM does.
-// pipeline_schedule.hpp runs micro-batches through the stages. Tutorial stage 3.
+// last stage), so both stay equal, as Megatron-LM does. Rank 0 owns it (counts and saves it).
+// pipeline_schedule.hpp orders the micro-batches, pipeline_engine.hpp runs them. Chapter 3.
 #pragma once
 
 #include "gpt.hpp"
 #include "process_groups.hpp"
+
+#include <algorithm>  // find
 
 namespace lightron {
 
@@ -25,6 +29,31 @@ inline std::vector<std::vector<int64_t>> chunk_layers(int64_t num_layers, int64_
     for (int64_t i = 0; i < num_layers / num_chunks + (c < num_layers % num_chunks ? 1 : 0); ++i)
       chunks[c].push_back(layer++);
   return chunks;
+}
+
+// The pipeline rank that owns a parameter (holds, counts and saves it), by its global name:
+// a layer's parameters ("h.5.attn.c_attn.weight") belong to the rank of the chunk holding
+// that layer, wte and wpe to rank 0 (a tied wte too: the last rank's copy is not its own),
+// ln_f and lm_head to the last rank.
+// [snippet: pp_rank_of_parameter]
+inline int64_t pp_rank_of_parameter(const std::string& name, int64_t num_layers, int64_t pp_size, int64_t num_virtual) {
+  if (name.rfind("wte.", 0) == 0 || name.rfind("wpe.", 0) == 0) return 0;
+  if (name.rfind("h.", 0) != 0) return pp_size - 1;  // ln_f, lm_head
+  const int64_t layer = std::stoll(name.substr(2, name.find('.', 2) - 2));
+  const auto chunks = chunk_layers(num_layers, pp_size * num_virtual);
+  for (size_t c = 0; c < chunks.size(); ++c)
+    if (std::find(chunks[c].begin(), chunks[c].end(), layer) != chunks[c].end()) return int64_t(c) % pp_size;
+  throw UsageError(fmt::format("pp_rank_of_parameter: '{}' names layer {}, but the model has {} layers (--num-layers)",
+                               name, layer, num_layers));
+}
+// [end snippet: pp_rank_of_parameter]
+
+// Whether pipeline rank pp_rank keeps a parameter: those it owns and, with a tied embedding,
+// the last rank's copy of wte for its output layer.
+inline bool pp_rank_holds_parameter(const std::string& name, int64_t num_layers, int64_t pp_size, int64_t num_virtual,
+                                    int64_t pp_rank, bool tied_embedding) {
+  const bool tied_copy = tied_embedding && pp_rank == pp_size - 1 && name == "wte.weight";
+  return tied_copy || pp_rank_of_parameter(name, num_layers, pp_size, num_virtual) == pp_rank;
 }
 
 // v from --num-layers-per-virtual-pipeline-stage (0: no interleaving).
@@ -69,36 +98,56 @@ struct PipelineStage {
     AutocastGuard autocast(bf16);
     return model->loss_fn(model->logits(x), labels);
   }
+
+  // One of the two copies of a tied wte (pp > 1, first or last rank): their gradients are
+  // summed over the embedding group after backward.
+  bool holds_tied_embedding() const { return pp_size > 1 && model->config.tied() && model->wte != nullptr; }
+  // The parameters this rank owns (pp_rank_of_parameter), e.g. to count each once in the
+  // gradient norm: the last rank's copy of a tied wte is left out.
+  std::vector<std::pair<std::string, torch::Tensor>> counted_once(
+      const std::vector<std::pair<std::string, torch::Tensor>>& named_params) const {
+    std::vector<std::pair<std::string, torch::Tensor>> out;
+    for (const auto& [name, p] : named_params)
+      if (pp_rank_of_parameter(name, model->config.num_layers, pp_size, num_virtual) == pp_rank) out.emplace_back(name, p);
+    return out;
+  }
 };
 
-// Cuts `model` down to pipeline rank `pp_rank`'s chunks, in place.
+// Cuts `model` down to pipeline rank `pp_rank`'s chunks, in place: the blocks of other
+// chunks go, and so do the embeddings and the head unless this rank holds them
+// (pp_rank_holds_parameter).
 inline PipelineStage apply_pipeline_parallel(std::shared_ptr<GPT> model, int64_t pp_rank, int64_t pp_size,
                                              int64_t num_virtual) {
   PipelineStage stage{model, {}, pp_rank, pp_size, num_virtual};
-  auto all = chunk_layers(model->config.num_layers, pp_size * num_virtual);
+  const auto& c = model->config;
+  auto all = chunk_layers(c.num_layers, pp_size * num_virtual);
   std::vector<bool> keep(model->blocks.size(), false);
-  for (int64_t c = 0; c < num_virtual; ++c) {
-    stage.chunks.push_back(all[stage.global_chunk(c)]);
+  // [snippet: pp_keep_chunks]
+  for (int64_t k = 0; k < num_virtual; ++k) {
+    stage.chunks.push_back(all[stage.global_chunk(k)]);
     for (int64_t layer : stage.chunks.back()) keep[layer] = true;
   }
+  // [end snippet: pp_keep_chunks]
   if (pp_size == 1) return stage;
   for (size_t layer = 0; layer < keep.size(); ++layer) {
     if (keep[layer]) continue;
     model->h->unregister_module(std::to_string(layer));
     model->blocks[layer] = nullptr;
   }
-  const bool tied_head = stage.has_head() && model->config.tied();  // keeps wte for the output layer
-  if (!stage.has_head()) {  // (the tied output layer holds wte: drop it first)
+  auto holds = [&](const std::string& name) {
+    return pp_rank_holds_parameter(name, c.num_layers, pp_size, num_virtual, pp_rank, c.tied());
+  };
+  if (!holds("ln_f.weight")) {  // with the output layer (a tied one holds wte: drop it first)
     model->unregister_module("ln_f");
-    if (!model->config.tied()) model->unregister_module("lm_head");
+    if (!c.tied()) model->unregister_module("lm_head");
     model->ln_f = nullptr;
     model->lm_head = nullptr;
   }
-  if (!stage.has_embedding() && !tied_head) {
+  if (!holds("wte.weight")) {
     model->unregister_module("wte");
     model->wte = nullptr;
   }
-  if (!stage.has_embedding() && model->wpe) {
+  if (model->wpe && !holds("wpe.weight")) {
     model->unregister_module("wpe");
     model->wpe = nullptr;
   }

@@ -21,6 +21,7 @@ struct ShardSpec {
 };
 
 // Rank r's shard of a full tensor.
+// [snippet: shard]
 inline torch::Tensor shard(const torch::Tensor& full, const ShardSpec& s, int64_t rank, int64_t size) {
   if (s.dim < 0) return full.clone();
   std::vector<torch::Tensor> parts;
@@ -31,6 +32,7 @@ inline torch::Tensor shard(const torch::Tensor& full, const ShardSpec& s, int64_
   }
   return torch::cat(parts, s.dim).contiguous();
 }
+// [end snippet: shard]
 
 // The full tensor from every rank's shard (the inverse of shard()).
 inline torch::Tensor unshard(const std::vector<torch::Tensor>& shards, const ShardSpec& s) {

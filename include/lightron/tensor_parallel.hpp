@@ -7,7 +7,7 @@
 // and their sequence-parallel counterparts (arXiv:2205.05198) along the sequence dimension.
 // Layers: ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding and the
 // vocab-parallel cross-entropy, which never materialises the full logits on one rank.
-// tp_model.hpp applies them to an existing GPT. Introduced in tutorial stage 2.
+// tp_model.hpp applies them to an existing GPT. Introduced in chapter 2.
 #pragma once
 
 #include "collectives.hpp"
@@ -59,10 +59,12 @@ struct CopyToTensorParallelRegion : torch::autograd::Function<CopyToTensorParall
     ctx->saved_data["group"] = tp_detail::hold(g);
     return x.view_as(x);
   }
+  // [snippet: f_backward]
   static tp_detail::Grads backward(torch::autograd::AutogradContext* ctx, tp_detail::Grads grad) {
     auto dx = grad[0].clone();
-    all_reduce(tp_detail::group(ctx), dx);
+    if (!planted_bug("tp_f_backward")) all_reduce(tp_detail::group(ctx), dx);  // (the "break it" of chapter 2)
     return {dx, torch::Tensor()};
+  // [end snippet: f_backward]
   }
 };
 
@@ -151,7 +153,12 @@ struct TensorParallelLayer {
 // Y = XA + b with A split by columns, A = [A_1 … A_p]: rank i computes Y_i = X A_i + b_i.
 // The input enters through f (or, with sequence parallel, an all-gather along T); the
 // output stays split unless gather_output. A fused layer (e.g. [Q | K | V]) splits block by
-// block: `blocks` are the full output sizes of its parts (default: one block).
+// block: `blocks` are the full output sizes of its parts (default: one block). c_attn at
+// tp = 2, blocks {H·D, G·D, G·D} (rows of our (out, in) weight = A's columns):
+//     full    [ q0 q1 | k0 k1 | v0 v1 ]       q0: the query rows of heads 0..H/2-1, ...
+//     rank 0  [ q0    | k0    | v0    ]       (H/2 + 2·G/2)·D rows: whole heads of each part
+//     rank 1  [    q1 |    k1 |    v1 ]
+// (cutting the rows in two halves instead would give rank 0 all of q and half of k).
 struct ColumnParallelLinear : LinearLayer, TensorParallelLayer {
   torch::Tensor weight, bias;  // (out/p, in), (out/p)
   Group tp;  // held by value: a layer never refers to groups that may be gone
@@ -164,10 +171,12 @@ struct ColumnParallelLinear : LinearLayer, TensorParallelLayer {
     weight = register_parameter("weight", w);
     if (b.defined()) bias = register_parameter("bias", b);
   }
-  torch::Tensor forward(const torch::Tensor& x) override {
-    auto input = sequence_parallel ? gather_from_sp_region(x, tp) : copy_to_tp_region(x, tp);
-    auto y = torch::linear(input, weight, bias);
-    return gather_output ? gather_from_tp_region(y, tp) : y;
+  torch::Tensor forward(const torch::Tensor& x) override {  // (B, T, in) or, SP, (B, T/p, in)
+    // [snippet: column_forward]
+    auto input = sequence_parallel ? gather_from_sp_region(x, tp) : copy_to_tp_region(x, tp);  // (B, T, in)
+    auto y = torch::linear(input, weight, bias);  // (B, T, out/p)
+    return gather_output ? gather_from_tp_region(y, tp) : y;  // (B, T, out) if gathered
+    // [end snippet: column_forward]
   }
   ShardSpec shard_spec(const std::string&) const override { return {0, blocks}; }
 };
@@ -182,10 +191,12 @@ struct RowParallelLinear : LinearLayer, TensorParallelLayer {
     weight = register_parameter("weight", w);
     if (b.defined()) bias = register_parameter("bias", b);
   }
-  torch::Tensor forward(const torch::Tensor& x) override {
-    auto partial = torch::linear(x, weight);
-    auto y = sequence_parallel ? reduce_scatter_to_sp_region(partial, tp) : reduce_from_tp_region(partial, tp);
+  torch::Tensor forward(const torch::Tensor& x) override {  // (B, T, in/p)
+    // [snippet: row_forward]
+    auto partial = torch::linear(x, weight);  // (B, T, out), this rank's term of the sum
+    auto y = sequence_parallel ? reduce_scatter_to_sp_region(partial, tp) : reduce_from_tp_region(partial, tp);  // SP: (B, T/p, out)
     return bias.defined() ? y + bias : y;
+    // [end snippet: row_forward]
   }
   ShardSpec shard_spec(const std::string& parameter) const override {
     return parameter == "weight" ? ShardSpec{1, {weight.size(1) * tp.size}} : ShardSpec{};
@@ -225,18 +236,26 @@ inline std::shared_ptr<RowParallelLinear> row_parallel_from(const Linear& full, 
 }
 
 // Rows [start, start + V/p) of the embedding on each rank; ids outside the range give zero
-// vectors, and g (all-reduce) adds the ranks' vectors up.
+// vectors, and the ranks' vectors are added up: by g (all-reduce) into (B, T, C) on every
+// rank, or, with sequence parallel, by a reduce-scatter along T into this rank's (B, T/p, C)
+// (Megatron's reduce_scatter_embeddings: half the bytes of the all-reduce on the wire; its
+// backward all-gathers the gradient).
 struct VocabParallelEmbedding : Embedding, TensorParallelLayer {
   Group tp;
   int64_t vocab_start;
-  VocabParallelEmbedding(torch::Tensor w, const Group& g) : tp(g), vocab_start(w.size(0) * g.rank) {
+  bool sequence_parallel;
+  VocabParallelEmbedding(torch::Tensor w, const Group& g, bool sp = false)
+      : tp(g), vocab_start(w.size(0) * g.rank), sequence_parallel(sp) {
     weight = register_parameter("weight", w);
   }
-  torch::Tensor forward(const torch::Tensor& ids) override {  // (B, T) -> (B, T, C)
+  torch::Tensor forward(const torch::Tensor& ids) override {  // (B, T)
+    // [snippet: vocab_embedding_forward]
     auto outside = (ids < vocab_start) | (ids >= vocab_start + weight.size(0));
     auto local = (ids - vocab_start).masked_fill(outside, 0);
-    auto vectors = torch::embedding(weight, local).masked_fill(outside.unsqueeze(-1), 0.0);
-    return reduce_from_tp_region(vectors, tp);
+    auto vectors = torch::embedding(weight, local).masked_fill(outside.unsqueeze(-1), 0.0);  // (B, T, C), partial
+    return sequence_parallel ? reduce_scatter_to_sp_region(vectors, tp)  // (B, T/p, C)
+                             : reduce_from_tp_region(vectors, tp);       // (B, T, C)
+    // [end snippet: vocab_embedding_forward]
   }
   ShardSpec shard_spec(const std::string&) const override { return {0, {weight.size(0) * tp.size}}; }
 };
@@ -257,13 +276,20 @@ inline std::map<std::string, ShardSpec> tp_shard_specs(const torch::nn::Module& 
 // Cross-entropy over logits split by vocabulary (B, T, V/p), per token:
 //   loss = log Σ_v exp(z_v - m) - (z_y - m), with m = max_v z_v,
 // where the max, the sum of exponentials and the target logit z_y are each reduced across
-// the group; backward: softmax - onehot(y), on this rank's columns only.
+// the group; backward: softmax - onehot(y), on this rank's columns only. At tp = 2:
+//     logits (B, T, V), by vocabulary:  [ 0 … V/2-1      | V/2 … V-1      ]
+//                                         rank 0 (B,T,V/2)   rank 1 (B,T,V/2)
+//     1. m = max over my columns                    -> all-reduce MAX (B, T, 1)
+//     2. z_y - m if y is one of my columns, else 0  -> all-reduce SUM (B, T): the owner's value
+//     3. Σ exp(z - m) over my columns               -> all-reduce SUM (B, T)
+//     loss = log(3) - (2) on every rank; the (B, T, V) logits are never gathered.
 struct VocabParallelCrossEntropy : torch::autograd::Function<VocabParallelCrossEntropy> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& logits,
                                const torch::Tensor& labels, const Group& g) {
     auto z = logits.to(torch::kFloat);  // (B, T, V/p)
     const int64_t part = z.size(-1), start = part * g.rank;
-    auto m = std::get<0>(z.max(-1, /*keepdim=*/true));
+    // [snippet: vocab_cross_entropy_forward]
+    auto m = std::get<0>(z.max(-1, /*keepdim=*/true));  // (B, T, 1)
     all_reduce_max(g, m);
     z = z - m;
     auto outside = (labels < start) | (labels >= start + part);
@@ -273,6 +299,7 @@ struct VocabParallelCrossEntropy : torch::autograd::Function<VocabParallelCrossE
     auto exp = z.exp();
     auto sum_exp = exp.sum(-1);
     all_reduce(g, sum_exp);
+    // [end snippet: vocab_cross_entropy_forward]
     ctx->save_for_backward({exp / sum_exp.unsqueeze(-1), local, outside});
     return sum_exp.log() - target;  // (B, T)
   }

@@ -7,8 +7,10 @@
 //              c_proj row-parallel.
 //   wte / lm_head: vocab-parallel; the loss becomes the vocab-parallel cross-entropy.
 //   norms, row-parallel biases, wpe: replicated (identical on every tp rank).
+// Sequence parallel: the embedding reduce-scatters along T (each rank keeps the sum for its
+// T/tp tokens), wpe adds the rows of those positions only, and the blocks run on (B, T/tp, C).
 // One table, tp_shard_spec, says how each parameter splits; shard() and unshard() read it,
-// and so do the parity tests and checkpoints. Introduced in tutorial stage 2.
+// and so do the parity tests and checkpoints. Introduced in chapter 2.
 #pragma once
 
 #include "process_groups.hpp"
@@ -20,8 +22,10 @@ namespace lightron {
 
 inline ShardSpec tp_shard_spec(const std::string& name, const GPTConfig& c) {
   const int64_t D = c.head_dim(), F = c.ffn();
+  // [snippet: c_attn_spec]
   if (name_ends_with(name, "attn.c_attn.weight") || name_ends_with(name, "attn.c_attn.bias"))
     return {0, {c.num_attention_heads * D, c.query_groups() * D, c.query_groups() * D}};
+  // [end snippet: c_attn_spec]
   if (name_ends_with(name, "mlp.c_fc.weight") || name_ends_with(name, "mlp.c_fc.bias"))
     return {0, c.swiglu ? std::vector<int64_t>{F, F} : std::vector<int64_t>{F}};
   if (name_ends_with(name, "attn.c_proj.weight")) return {1, {c.hidden_size}};
@@ -44,14 +48,18 @@ inline void validate_tensor_parallel(const GPTConfig& c, int64_t tp, bool sequen
           c.seq_length, tp);
 }
 
-// Learned positions under sequence parallel: each rank adds the rows of its part of T.
-// The table is replicated, so its gradient is summed across the tp group afterwards.
+// Learned positions under sequence parallel: each rank adds the rows of its part of T to the
+// embedding's reduce-scatter output, after the sum over tp (added before it, wpe would count
+// tp times). The table is replicated and rank r's gradient holds only rows [r·T/tp, (r+1)·T/tp),
+// so the sum over tp that the trainer makes (sequence_parallel_params) is the full gradient.
 struct SequenceShardedPositions : Embedding {
   Group tp;
   SequenceShardedPositions(torch::Tensor w, const Group& g) : tp(g) { weight = register_parameter("weight", w); }
-  torch::Tensor forward(const torch::Tensor& positions) override {
+  torch::Tensor forward(const torch::Tensor& positions) override {  // (T) -> (T/tp, C)
+    // [snippet: sharded_positions_forward]
     const int64_t part = positions.size(0) / tp.size;
     return torch::embedding(weight, positions.narrow(0, part * tp.rank, part));
+    // [end snippet: sharded_positions_forward]
   }
 };
 
@@ -66,8 +74,8 @@ struct VocabParallelHead : LinearLayer, TensorParallelLayer {
       : tied(std::move(wte)), tp(g), sequence_parallel(sp) {
     if (!tied) weight = register_parameter("weight", w);
   }
-  torch::Tensor forward(const torch::Tensor& x) override {
-    auto input = sequence_parallel ? gather_from_sp_region(x, tp) : copy_to_tp_region(x, tp);
+  torch::Tensor forward(const torch::Tensor& x) override {  // (B, T, C) or, SP, (B, T/p, C)
+    auto input = sequence_parallel ? gather_from_sp_region(x, tp) : copy_to_tp_region(x, tp);  // (B, T, C)
     return torch::linear(input, tied ? tied->weight : weight);  // (B, T, V/p)
   }
   ShardSpec shard_spec(const std::string&) const override { return {0, {weight.size(0) * tp.size}}; }
@@ -104,10 +112,13 @@ inline TensorParallelInfo apply_tensor_parallel(GPT& model, const Group& tp, boo
     row(*block.attn, block.attn->c_proj, "c_proj");
     column(*block.mlp, block.mlp->c_fc, "mlp", "c_fc");
     row(*block.mlp, block.mlp->c_proj, "c_proj");
+    // [snippet: fewer_heads]
     block.attn->num_heads /= tp.size;
     block.attn->num_groups /= tp.size;
+    // [end snippet: fewer_heads]
   }
-  model.wte = model.replace_module("wte", std::make_shared<VocabParallelEmbedding>(part("wte.weight", model.wte->weight), tp));
+  model.wte = model.replace_module(  // with SP: a reduce-scatter to (B, T/tp, C), not an all-reduce
+      "wte", std::make_shared<VocabParallelEmbedding>(part("wte.weight", model.wte->weight), tp, sequence_parallel));
   if (model.wpe && sequence_parallel)
     model.wpe = model.replace_module("wpe", std::make_shared<SequenceShardedPositions>(model.wpe->weight.clone(), tp));
   if (c.tied()) {
@@ -122,8 +133,7 @@ inline TensorParallelInfo apply_tensor_parallel(GPT& model, const Group& tp, boo
   model.loss_fn = [tp](const torch::Tensor& logits, const torch::Tensor& labels) {
     return vocab_parallel_cross_entropy(logits, labels, tp);
   };
-  if (sequence_parallel) {
-    model.sequence_scatter = [tp](const torch::Tensor& x) { return scatter_to_sp_region(x, tp); };
+  if (sequence_parallel) {  // (the embedding already returns this rank's T/tp)
     for (auto& p : model.named_parameters())  // replicated, but each rank saw only its part of T
       if (!info.sharded.count(p.key())) info.sequence_parallel_params.push_back(p.value());
   }

@@ -146,6 +146,12 @@ inline std::vector<std::pair<std::string, torch::Tensor>> named_parameters_of(to
   return out;
 }
 
+inline std::vector<torch::Tensor> parameters_of(const std::vector<std::pair<std::string, torch::Tensor>>& named) {
+  std::vector<torch::Tensor> out;
+  for (const auto& [name, p] : named) out.push_back(p);
+  return out;
+}
+
 // Σ‖g‖² over the given gradients: a 0-dim fp64 tensor on their device, so that a GPU step
 // need not wait for it (read it with .item() after the optimizer step, for logging).
 inline torch::Tensor grad_sq_norm(const std::vector<torch::Tensor>& params) {
@@ -167,6 +173,7 @@ inline torch::Tensor tp_share_grad_sq_norm(const std::vector<std::pair<std::stri
   return grad_sq_norm(counted);
 }
 
+// [snippet: clip]
 // Scales every gradient by min(1, max_norm / total_norm) (0 disables clipping).
 inline void clip_grads(const std::vector<torch::Tensor>& params, const torch::Tensor& total_norm, double max_norm) {
   if (max_norm <= 0) return;
@@ -177,6 +184,7 @@ inline void clip_grads(const std::vector<torch::Tensor>& params, const torch::Te
   if (grads.empty()) return;
   scale_tensors(grads, (max_norm / (total_norm + 1e-6)).clamp_max(1.0).to(grads[0].scalar_type()));
 }
+// [end snippet: clip]
 
 // Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's
 // 12·L·C·T (the two T×T matrix products, forward and backward), as nanoGPT and PaLM count.

@@ -1,0 +1,82 @@
+// lightron/trainer_tools.hpp — what a training program does around the step, for a Trainer
+// on any layout: the full logits of a prompt (for sampling), every parameter as one device
+// holds it (for checks and exports), and sharded checkpoints. All of them are collectives:
+// every rank of the grid calls them. Plumbing, not a chapter's idea: skim it.
+#pragma once
+
+#include "checkpoint_load.hpp"
+#include "trainer.hpp"
+
+#include <map>
+
+namespace lightron {
+
+// Full logits (1, t, V) of ids (1, t) on every rank, for generation. The activation passes
+// stage by stage (pp); the last stage gathers the vocabulary (tp) and broadcasts it (pp).
+inline torch::Tensor full_logits(Trainer& trainer, torch::Tensor ids) {
+  torch::NoGradGuard no_grad;
+  const auto& o = trainer.options();
+  const auto& g = trainer.groups();
+  auto& stage = trainer.stage;
+  const auto& config = trainer.model->config;
+  ids = ids.to(o.device);
+  const int64_t t = ids.size(1), tp = g.layout.tp, p = stage.pp_size, chunks = p * stage.num_virtual;
+  const int64_t pad = o.sequence_parallel ? (tp - t % tp) % tp : 0;  // T must split over tp
+  if (pad > 0) ids = torch::cat({torch::zeros({1, pad}, ids.options()), ids}, 1);
+  const auto on_device = torch::TensorOptions().device(o.device);
+  torch::Tensor x = ids;
+  for (int64_t gc = 0; gc < chunks; ++gc) {
+    if (gc % p != stage.pp_rank) continue;
+    if (gc > 0) {
+      x = torch::empty({1, ids.size(1) / (o.sequence_parallel ? tp : 1), config.hidden_size}, on_device);
+      recv_async(g.pp, x, int((gc - 1) % p), int(gc)).wait();
+    }
+    x = stage.forward_chunk(gc / p, x);
+    if (gc + 1 < chunks) send_async(g.pp, x.contiguous(), int((gc + 1) % p), int(gc + 1)).wait();
+  }
+  auto logits = torch::empty({1, ids.size(1), config.vocab_size}, on_device);
+  if (stage.has_head()) {
+    AutocastGuard autocast(o.bf16);
+    logits = all_gather(g.tp, trainer.model->logits(x).to(torch::kFloat), 2);
+  }
+  broadcast(g.pp, logits, int(p - 1));
+  return logits.narrow(1, pad, t).cpu();
+}
+
+// Every parameter as the single-device model holds it, on every rank: tp shards are
+// gathered and unsharded, and each parameter is broadcast from the pipeline rank that owns it.
+inline std::map<std::string, torch::Tensor> full_parameters(Trainer& trainer) {
+  const auto& g = trainer.groups();
+  const auto& stage = trainer.stage;
+  const auto& config = trainer.model->config;
+  std::map<std::string, torch::Tensor> mine, out;
+  for (auto& [name, p] : trainer.named_params) {
+    if (!trainer.tp_info.sharded.count(name)) {
+      mine[name] = p.detach().clone();
+      continue;
+    }
+    auto shards = all_gather(g.tp, p.detach().unsqueeze(0), 0).unbind(0);
+    mine[name] = unshard(std::vector<torch::Tensor>(shards.begin(), shards.end()), tp_shard_spec(name, config));
+  }
+  if (stage.pp_size == 1) return mine;
+  GPT whole(config);  // for the names and shapes only
+  for (auto& p : whole.named_parameters()) {
+    const auto owner = pp_rank_of_parameter(p.key(), config.num_layers, stage.pp_size, stage.num_virtual);
+    auto t = owner == stage.pp_rank ? mine.at(p.key()) : torch::empty_like(p.value());
+    broadcast(g.pp, t, int(owner));
+    out[p.key()] = t;
+  }
+  return out;
+}
+
+// Sharded checkpoints (checkpoint.hpp); load_checkpoint accepts any saving layout.
+inline void save_checkpoint(const std::string& dir, CheckpointCounters counters, Trainer& trainer) {
+  save_checkpoint(dir, counters, checkpoint_model(trainer.model->config, trainer.stage.num_virtual), trainer.train_config(), *trainer.optimizer,
+                  trainer.groups());
+}
+inline CheckpointCounters load_checkpoint(const std::string& dir, Trainer& trainer, const LoadOptions& options = {}) {
+  return load_checkpoint(dir, options, checkpoint_model(trainer.model->config, trainer.stage.num_virtual), trainer.train_config(),
+                         *trainer.optimizer, trainer.groups());
+}
+
+}  // namespace lightron
