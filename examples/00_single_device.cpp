@@ -1,4 +1,4 @@
-// 00_single_device — stage 0: train a small GPT in one process, the whole loop in view.
+// 00_single_device — chapter 0: train a small GPT in one process, the whole loop in view.
 //
 //   build/examples/00_single_device --data-path data/fortunes_text_document \
 //       --tokenizer-model data/tokenizer.model
@@ -12,7 +12,7 @@
 #include <lightron/gpt.hpp>
 #include <lightron/train.hpp>
 
-#include <CLI/CLI.hpp>
+#include <lightron/cli.hpp>
 
 #include <cmath>  // sqrt
 #include <filesystem>
@@ -24,26 +24,17 @@ int main(int argc, char** argv) {
     std::string data_path, tokenizer_model;
     int64_t train_iters = 150;
     int num_threads = 2;
-    CLI::App app{"lightron stage 0: train a small GPT on one process"};
+    CLI::App app{"lightron chapter 0: train a small GPT on one process"};
     app.add_option("--data-path", data_path, "prefix of a .bin/.idx pair")->required();
     app.add_option("--tokenizer-model", tokenizer_model, "SentencePiece .model (its .vocab is next to it)")->required();
     app.add_option("--train-iters", train_iters, "optimizer steps");
     app.add_option("--num-threads", num_threads, "CPU threads");
-    try {
-      app.parse(argc, argv);
-    } catch (const CLI::ParseError& e) {
-      return app.exit(e) == 0 ? 0 : kUsageExitCode;  // --help prints and exits 0
-    }
+    if (auto exit_code = parse_command_line(app, argc, argv)) return *exit_code;  // --help: 0, a bad flag: 2
     setup_process(num_threads);
 
     // The model: GPT-2 flavour, small enough for a laptop CPU.
     SpmVocab vocab(spm_vocab_path(tokenizer_model));  // spm_train writes both
-    GPTConfig model_config = GPTConfig::gpt2();
-    model_config.num_layers = 4;  // L
-    model_config.hidden_size = 128;  // C
-    model_config.num_attention_heads = 4;  // H
-    model_config.seq_length = 64;  // T
-    model_config.vocab_size = padded_vocab_size(vocab.size(), /*divisible_by=*/128, /*tp_size=*/1);  // V
+    const GPTConfig model_config = course_gpt_config(vocab.size());  // L 4, C 128, H 4, T 64 (gpt.hpp)
 
     TrainConfig train;
     train.micro_batch_size = train.global_batch_size = 16;  // B

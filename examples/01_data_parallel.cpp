@@ -1,4 +1,4 @@
-// 01_data_parallel — stage 1: the loop of 00_single_device on N ranks, each with a full copy of
+// 01_data_parallel — chapter 1: the loop of 00_single_device on N ranks, each with a full copy of
 // the model and its own slice of every global batch; gradients are averaged across ranks.
 //
 //   mpirun -np 2 --oversubscribe --allow-run-as-root -x OMP_NUM_THREADS=1 \
@@ -15,7 +15,7 @@
 #include <lightron/gpt.hpp>
 #include <lightron/train.hpp>
 
-#include <CLI/CLI.hpp>
+#include <lightron/cli.hpp>
 
 #include <cmath>  // sqrt
 #include <filesystem>
@@ -28,7 +28,7 @@ int main(int argc, char** argv) {
     int64_t train_iters = 150, micro_batch_size = 8, global_batch_size = 16, bucket_size = 250000;
     int64_t check_weight_hash_interval = 0;
     int num_threads = 1;
-    CLI::App app{"lightron stage 1: data-parallel training of a small GPT"};
+    CLI::App app{"lightron chapter 1: data-parallel training of a small GPT"};
     app.add_option("--data-path", data_path, "prefix of a .bin/.idx pair")->required();
     app.add_option("--tokenizer-model", tokenizer_model, "SentencePiece .model (its .vocab is next to it)")->required();
     app.add_option("--train-iters", train_iters, "optimizer steps");
@@ -38,22 +38,11 @@ int main(int argc, char** argv) {
     app.add_option("--ddp-bucket-size", bucket_size, "elements per gradient bucket");
     app.add_option("--check-weight-hash-interval", check_weight_hash_interval, "0 disables");
     app.add_option("--num-threads", num_threads, "CPU threads per rank");
-    try {
-      app.parse(argc, argv);
-    } catch (const CLI::ParseError& e) {
-      return app.exit(e) == 0 ? 0 : kUsageExitCode;  // --help prints and exits 0
-    }
-    setup_process(num_threads);
-    const LaunchEnv env = launch_env();  // rank and world size from mpirun's environment
-    global_rank() = env.rank;            // so that only rank 0 prints, even before the groups exist
+    if (auto exit_code = parse_command_line(app, argc, argv)) return *exit_code;  // --help: 0, a bad flag: 2
+    const LaunchEnv env = start_rank_process(num_threads);  // rank and world size from mpirun's environment
 
-    GPTConfig model_config = GPTConfig::gpt2();  // as in 00_single_device
-    model_config.num_layers = 4;
-    model_config.hidden_size = 128;
-    model_config.num_attention_heads = 4;
-    model_config.seq_length = 64;
     const SpmVocab vocab(spm_vocab_path(tokenizer_model));
-    model_config.vocab_size = padded_vocab_size(vocab.size(), /*divisible_by=*/128, /*tp_size=*/1);
+    const GPTConfig model_config = course_gpt_config(vocab.size(), /*tp_size=*/1);  // as in 00_single_device
     TrainConfig train;
     train.micro_batch_size = micro_batch_size;
     train.global_batch_size = global_batch_size;

@@ -1,4 +1,4 @@
-// 02_tensor_parallel — stage 2: one model split across N ranks, inside every layer. Each rank
+// 02_tensor_parallel — chapter 2: one model split across N ranks, inside every layer. Each rank
 // holds whole attention heads, a slice of the MLP and a slice of the vocabulary; the ranks
 // meet twice per block in the forward pass and twice in the backward pass (all-reduces).
 //
@@ -15,7 +15,7 @@
 #include <lightron/tp_model.hpp>
 #include <lightron/train.hpp>
 
-#include <CLI/CLI.hpp>
+#include <lightron/cli.hpp>
 
 #include <cmath>  // sqrt
 #include <filesystem>
@@ -28,28 +28,17 @@ int main(int argc, char** argv) {
     int64_t train_iters = 50;
     bool sequence_parallel = false;
     int num_threads = 1;
-    CLI::App app{"lightron stage 2: tensor-parallel training of a small GPT"};
+    CLI::App app{"lightron chapter 2: tensor-parallel training of a small GPT"};
     app.add_option("--data-path", data_path, "prefix of a .bin/.idx pair")->required();
     app.add_option("--tokenizer-model", tokenizer_model, "SentencePiece .model (its .vocab is next to it)")->required();
     app.add_option("--train-iters", train_iters, "optimizer steps");
     app.add_flag("--sequence-parallel", sequence_parallel, "split norms/residuals along T over the tp ranks");
     app.add_option("--num-threads", num_threads, "CPU threads per rank");
-    try {
-      app.parse(argc, argv);
-    } catch (const CLI::ParseError& e) {
-      return app.exit(e) == 0 ? 0 : kUsageExitCode;  // --help prints and exits 0
-    }
-    setup_process(num_threads);
-    const LaunchEnv env = launch_env();
-    global_rank() = env.rank;
+    if (auto exit_code = parse_command_line(app, argc, argv)) return *exit_code;  // --help: 0, a bad flag: 2
+    const LaunchEnv env = start_rank_process(num_threads);  // rank and world size from mpirun's environment
 
-    GPTConfig model_config = GPTConfig::gpt2();  // as in 00_single_device
-    model_config.num_layers = 4;
-    model_config.hidden_size = 128;
-    model_config.num_attention_heads = 4;
-    model_config.seq_length = 64;
     const SpmVocab vocab(spm_vocab_path(tokenizer_model));
-    model_config.vocab_size = padded_vocab_size(vocab.size(), /*divisible_by=*/128, /*tp_size=*/env.world_size);
+    const GPTConfig model_config = course_gpt_config(vocab.size(), /*tp_size=*/env.world_size);  // as in 00_single_device
     TrainConfig train;
     train.micro_batch_size = train.global_batch_size = 16;
     train.train_iters = train_iters;

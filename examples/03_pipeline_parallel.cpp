@@ -17,7 +17,7 @@
 #include <lightron/pipeline_engine.hpp>
 #include <lightron/train.hpp>
 
-#include <CLI/CLI.hpp>
+#include <lightron/cli.hpp>
 
 #include <filesystem>
 #include <cstring>  // memcpy
@@ -40,22 +40,12 @@ int main(int argc, char** argv) {
                    "> 0: interleaved 1f1b, each rank holding several slices");
     app.add_option("--micro-batch-size", train.micro_batch_size, "samples per micro-batch; 16 per step in all");
     app.add_option("--train-iters", train.train_iters, "optimizer steps");
-    try {
-      app.parse(argc, argv);
-    } catch (const CLI::ParseError& e) {
-      return app.exit(e) == 0 ? 0 : kUsageExitCode;  // --help prints and exits 0
-    }
-    setup_process(/*num_threads=*/1);
-    const LaunchEnv env = launch_env();
-    global_rank() = env.rank;
+    if (auto exit_code = parse_command_line(app, argc, argv)) return *exit_code;  // --help: 0, a bad flag: 2
+    const LaunchEnv env = start_rank_process(/*num_threads=*/1);  // rank and world size from mpirun's environment
 
-    GPTConfig model_config = GPTConfig::gpt2();
-    model_config.num_layers = num_layers;
-    model_config.hidden_size = 128;
-    model_config.num_attention_heads = 4;
-    model_config.seq_length = 64;
     const SpmVocab vocab(spm_vocab_path(tokenizer_model));
-    model_config.vocab_size = padded_vocab_size(vocab.size(), /*divisible_by=*/128, /*tp_size=*/1);
+    GPTConfig model_config = course_gpt_config(vocab.size());  // as in 00_single_device,
+    model_config.num_layers = num_layers;                       // with 8 layers to cut
     train.global_batch_size = 16;  // m = 16 / micro-batch-size micro-batches per step
     train.lr = 3e-3;
     train.lr_warmup_iters = 10;

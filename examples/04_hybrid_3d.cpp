@@ -14,7 +14,7 @@
 #include <lightron/generate.hpp>
 #include <lightron/trainer_tools.hpp>
 
-#include <CLI/CLI.hpp>
+#include <lightron/cli.hpp>
 
 #include <filesystem>
 
@@ -34,27 +34,16 @@ int main(int argc, char** argv) {
     app.add_option("--pipeline-model-parallel-size", layout.pp);
     app.add_flag("--sequence-parallel", options.sequence_parallel, "split norms/residuals along T over tp");
     app.add_option("--train-iters", train.train_iters, "optimizer steps");
-    try {
-      app.parse(argc, argv);
-    } catch (const CLI::ParseError& e) {
-      return app.exit(e) == 0 ? 0 : kUsageExitCode;  // --help prints and exits 0
-    }
-    setup_process(/*num_threads=*/1);
-    const LaunchEnv env = launch_env();
-    global_rank() = env.rank;
+    if (auto exit_code = parse_command_line(app, argc, argv)) return *exit_code;  // --help: 0, a bad flag: 2
+    const LaunchEnv env = start_rank_process(/*num_threads=*/1);  // rank and world size from mpirun's environment
     require(layout.tp >= 1 && layout.pp >= 1, "--tensor-model-parallel-size ({}) and --pipeline-model-parallel-size "
             "({}) must be at least 1", layout.tp, layout.pp);
     require(env.world_size % (layout.tp * layout.pp) == 0, "the number of ranks ({}) must be a multiple of tp ({}) x "
             "pp ({}); launch with mpirun -np {}", env.world_size, layout.tp, layout.pp, 2 * layout.tp * layout.pp);
     layout.dp = env.world_size / (layout.tp * layout.pp);
 
-    GPTConfig model_config = GPTConfig::gpt2();  // as in 00_single_device
-    model_config.num_layers = 4;
-    model_config.hidden_size = 128;
-    model_config.num_attention_heads = 4;
-    model_config.seq_length = 64;
     const SpmVocab vocab(spm_vocab_path(tokenizer_model));
-    model_config.vocab_size = padded_vocab_size(vocab.size(), /*divisible_by=*/128, layout.tp);
+    const GPTConfig model_config = course_gpt_config(vocab.size(), layout.tp);  // as in 00_single_device
     train.micro_batch_size = 4;
     train.global_batch_size = 16;  // = micro 4 x 2 micro-batches (the pipeline's m) x dp 2
     train.lr = 3e-3;

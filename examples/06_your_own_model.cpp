@@ -15,7 +15,7 @@
 #include <lightron/model_trainer.hpp>
 #include <lightron/parity.hpp>
 
-#include <CLI/CLI.hpp>
+#include <lightron/cli.hpp>
 
 using namespace lightron;
 
@@ -103,14 +103,8 @@ int main(int argc, char** argv) {
     app.add_option("--tensor-model-parallel-size", tp, "tp; dp = ranks / tp");
     app.add_option("--train-iters", train_iters, "optimizer steps");
     app.add_option("--save", save, "also save the layout's checkpoint here and load it back on one rank");
-    try {
-      app.parse(argc, argv);
-    } catch (const CLI::ParseError& e) {
-      return app.exit(e) == 0 ? 0 : kUsageExitCode;
-    }
-    setup_process(/*num_threads=*/1);
-    const LaunchEnv env = launch_env();
-    global_rank() = env.rank;
+    if (auto exit_code = parse_command_line(app, argc, argv)) return *exit_code;  // --help: 0, a bad flag: 2
+    const LaunchEnv env = start_rank_process(/*num_threads=*/1);  // rank and world size from mpirun's environment
     const ParallelLMConfig config;
     require(tp >= 1 && env.world_size % tp == 0, "--tensor-model-parallel-size ({}) must divide the number of ranks ({})",
             tp, env.world_size);

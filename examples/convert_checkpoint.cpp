@@ -9,7 +9,7 @@
 // --load reads it under any layout, e.g. to fine-tune.
 #include <lightron/hf_export.hpp>
 
-#include <CLI/CLI.hpp>
+#include <lightron/cli.hpp>
 
 using namespace lightron;
 
@@ -21,14 +21,7 @@ int main(int argc, char** argv) {
     app.add_option("--export-hf", export_hf_dir, "HuggingFace directory to write");
     app.add_option("--import-hf", import_hf_dir, "HuggingFace directory to read");
     app.add_option("--save", save, "lightron checkpoint directory to write the import to");
-    try {
-      app.parse(argc, argv);
-    } catch (const CLI::CallForHelp&) {
-      fmt::print("{}", app.help());
-      return 0;
-    } catch (const CLI::ParseError& e) {
-      throw UsageError(first_line(e.what()) + " (see --help)");
-    }
+    if (auto exit_code = parse_command_line(app, argc, argv)) return *exit_code;  // --help: 0, a bad flag: 2
     const bool exporting = !load.empty() && !export_hf_dir.empty(), importing = !import_hf_dir.empty() && !save.empty();
     require(exporting != importing, "give either --load DIR --export-hf DIR or --import-hf DIR --save DIR");
     if (exporting) {

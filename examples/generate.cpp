@@ -9,7 +9,7 @@
 #include <lightron/generate.hpp>
 #include <lightron/hf_export.hpp>
 
-#include <CLI/CLI.hpp>
+#include <lightron/cli.hpp>
 
 using namespace lightron;
 
@@ -30,11 +30,7 @@ int main(int argc, char** argv) {
     app.add_option("--num-samples", num_samples);
     app.add_option("--seed", seed);
     app.add_option("--num-threads", num_threads);
-    try {
-      app.parse(argc, argv);
-    } catch (const CLI::ParseError& e) {
-      return app.exit(e) == 0 ? 0 : kUsageExitCode;  // --help prints and exits 0
-    }
+    if (auto exit_code = parse_command_line(app, argc, argv)) return *exit_code;  // --help: 0, a bad flag: 2
     setup_process(num_threads);
     const ModelWeights weights = read_model_weights(load);
     auto model = weights.model();

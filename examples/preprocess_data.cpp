@@ -5,7 +5,7 @@
 // Empty lines are skipped. scripts/prepare_corpus.sh runs this as the last step of `make data`.
 #include <lightron/data.hpp>
 
-#include <CLI/CLI.hpp>
+#include <lightron/cli.hpp>
 
 #include <fstream>
 #include <sstream>
@@ -24,13 +24,7 @@ int main(int argc, char** argv) {
     app.add_option("--eod-id", eod_id, "end-of-document id")->capture_default_str();
     app.add_option("--vocab-size", vocab_size, "ids must be below it; < 65500 stores uint16")
         ->required();
-    try {
-      app.parse(argc, argv);
-    } catch (const CLI::Success& e) {  // --help
-      return app.exit(e);
-    } catch (const CLI::ParseError& e) {
-      throw lightron::UsageError(fmt::format("{} (see --help)", e.what()));
-    }
+    if (auto exit_code = lightron::parse_command_line(app, argc, argv)) return *exit_code;  // --help: 0, a bad flag: 2
     lightron::require(vocab_size > 0, "--vocab-size ({}) must be positive", vocab_size);
     lightron::require(!append_eod || (eod_id >= 0 && eod_id < vocab_size),
                       "--eod-id ({}) must be below --vocab-size ({})", eod_id, vocab_size);

@@ -4,7 +4,7 @@
 //
 // This header is for the programs in examples/ (it needs CLI11); the library headers
 // take plain structs (GPTConfig, TrainConfig, Layout) and never parse flags themselves.
-// Introduced in tutorial stage 0; later stages add their flags here.
+// Introduced in chapter 0; later chapters add their flags here.
 #pragma once
 
 #include "data.hpp"
@@ -16,7 +16,7 @@
 #include "train.hpp"
 #include "trainer.hpp"
 
-#include <CLI/CLI.hpp>
+#include "cli.hpp"  // parse_command_line (CLI11)
 
 namespace lightron {
 
@@ -137,14 +137,7 @@ inline Arguments parse_arguments(int argc, char** argv, const std::string& descr
   app.add_option("--num-samples", a.num_samples_to_print);
   app.add_option("--temperature", a.temperature);
   app.add_option("--top-k", a.top_k);
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp&) {
-    print0("{}", app.help());
-    std::exit(0);
-  } catch (const CLI::ParseError& e) {
-    throw UsageError(first_line(e.what()) + " (see --help)");
-  }
+  if (parse_command_line(app, argc, argv)) std::exit(0);  // after --help; a bad flag throws
   return a;
 }
 

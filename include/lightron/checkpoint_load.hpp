@@ -7,7 +7,7 @@
 //   3. reshard: each rank reassembles the full tensors it needs from the pieces the files
 //      describe (global shape; global start, local start, length per block), then cuts its
 //      own shard with tp_shard_spec. Loading under the saving layout is the same path.
-// Leaves out: reading only the bytes a rank needs (files are read whole). Tutorial stage 5.
+// Leaves out: reading only the bytes a rank needs (files are read whole). Chapter 5.
 #pragma once
 
 #include "checkpoint.hpp"

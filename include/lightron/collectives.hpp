@@ -7,7 +7,7 @@
 //   * turns a failed or timed-out call into one line naming the group, the operation and
 //     the ranks that stopped answering, and ends the process (exit 1) instead of hanging.
 // The LibTorch 1.13 / 2.x differences live in compat.hpp.
-// Introduced in tutorial stage 1 (with process_groups.hpp, which builds the groups).
+// Introduced in chapter 1 (with process_groups.hpp, which builds the groups).
 #pragma once
 
 #include "compat.hpp"

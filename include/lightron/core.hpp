@@ -2,7 +2,7 @@
 // rank prefix for messages, printing once, timing, and process set-up (threads, malloc).
 //
 // Leaves out: anything about models or ranks' communication (gpt.hpp, process_groups.hpp).
-// Introduced in tutorial stage 0.
+// Introduced in chapter 0.
 //
 // Legend used for shapes in every header (as trailing comments):
 //   B batch (micro-batch), T sequence, C channels (hidden size), V vocabulary,
@@ -24,6 +24,7 @@
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <thread>  // sleep_for
 #include <vector>
 
 namespace lightron {
@@ -82,7 +83,12 @@ inline int run_main(const std::function<int()>& body) {
   try {
     return body();
   } catch (const UsageError& e) {  // every rank finds the same mistake: rank 0 says it
-    if (global_rank() == 0) fmt::print(stderr, "{}\n", with_prefix(std::string("error: ") + e.what()));
+    if (global_rank() == 0) {
+      fmt::print(stderr, "{}\n", with_prefix(std::string("error: ") + e.what()));
+      std::fflush(stderr);
+    } else {  // mpirun ends every rank when the first one exits: let rank 0 speak first
+      std::this_thread::sleep_for(std::chrono::seconds(2));
+    }
     return kUsageExitCode;
   } catch (const c10::Error& e) {
     fmt::print(stderr, "{}\n", with_prefix("error: " + first_line(e.what_without_backtrace())));

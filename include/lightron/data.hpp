@@ -5,7 +5,7 @@
 //
 // Leaves out: Megatron's blended datasets, its on-disk sample-index cache, the
 // end-of-document attention mask and position reset, and batch-size ramp-up.
-// Introduced in tutorial stage 0.
+// Introduced in chapter 0.
 #pragma once
 
 #include "core.hpp"

@@ -4,7 +4,7 @@
 //
 // `logits_fn` maps ids (1, t) to logits (1, t, V); a parallel model passes its collective
 // forward, and every rank must then call generate() with the same seed to stay in step.
-// Introduced in tutorial stage 0.
+// Introduced in chapter 0.
 #pragma once
 
 #include "core.hpp"

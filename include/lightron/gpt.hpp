@@ -9,7 +9,7 @@
 // (held behind the small interfaces below) so that tensor_parallel.hpp and
 // pipeline_parallel.hpp can shard an existing, fully initialised model in place.
 // Leaves out: dropout (parity tests compare layouts exactly), KV caches.
-// Introduced in tutorial stage 0.
+// Introduced in chapter 0.
 #pragma once
 
 #include "compat.hpp"
@@ -66,6 +66,18 @@ struct GPTConfig {
 inline int64_t padded_vocab_size(int64_t vocab, int64_t divisible_by, int64_t tp_size) {
   const int64_t multiple = divisible_by * tp_size;
   return (vocab + multiple - 1) / multiple * multiple;
+}
+
+// The course's small GPT-2 (the examples of chapters 0-4): L 4, C 128, H 4, T 64, and V the
+// tokenizer's pieces padded to a multiple of 128 · tp. Small enough for a laptop CPU.
+inline GPTConfig course_gpt_config(int64_t tokenizer_pieces, int64_t tp_size = 1) {
+  GPTConfig c = GPTConfig::gpt2();
+  c.num_layers = 4;           // L
+  c.hidden_size = 128;        // C
+  c.num_attention_heads = 4;  // H
+  c.seq_length = 64;          // T
+  c.vocab_size = padded_vocab_size(tokenizer_pieces, /*divisible_by=*/128, tp_size);  // V
+  return c;
 }
 
 // Checks the model's shape before anything is allocated; one line naming flag and values.

@@ -8,7 +8,7 @@
 //     [gate | up]), mlp.down_proj}, model.norm, lm_head. RoPE needs no permutation: lightron
 //     rotates halves, (x1 cos - x2 sin, x2 cos + x1 sin), as HF's Llama does.
 // The weights come from a checkpoint of any layout, consolidated (checkpoint_load.hpp).
-// Leaves out: tokenizer files, other architectures, HF's multi-file index. Tutorial stage 5.
+// Leaves out: tokenizer files, other architectures, HF's multi-file index. Chapter 5.
 #pragma once
 
 #include "checkpoint_load.hpp"

@@ -12,7 +12,7 @@
 //
 // Leaves out: Megatron's sentence splitting (several sequences in one document), the legacy
 // non-mmap "TNTIDX" format, multimodal modes, and big-endian machines.
-// Introduced in tutorial stage 0.
+// Introduced in chapter 0.
 #pragma once
 
 #include "core.hpp"

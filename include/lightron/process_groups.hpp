@@ -6,7 +6,7 @@
 //   2. one Gloo (CPU) or NCCL (CUDA) communicator per group this rank belongs to, each under
 //      its own store prefix, created in the same order on every rank; Gloo listens on this
 //      host's own interface (network.hpp finds it), so ranks may span hosts.
-// Leaves out: elastic membership changes. Introduced in tutorial stage 1.
+// Leaves out: elastic membership changes. Introduced in chapter 1.
 #pragma once
 
 #include "rendezvous.hpp"  // launcher environment, master endpoint, the store

@@ -53,6 +53,16 @@ inline LaunchEnv launch_env(const Getenv& get = process_env) {
   return LaunchEnv{};
 }
 
+// The first lines of every program that runs as one of several ranks: threads and malloc
+// (setup_process), this rank's place from the launcher's environment, and the rank that
+// messages are printed by (rank 0), even before any group exists.
+inline LaunchEnv start_rank_process(int num_threads) {
+  setup_process(num_threads);
+  const LaunchEnv env = launch_env();
+  global_rank() = env.rank;
+  return env;
+}
+
 // Where rank 0 hosts the rendezvous store.
 struct Master {
   std::string addr;

@@ -3,7 +3,7 @@
 // describe_lost_ranks(), which reads the counters for a few seconds and names the ranks
 // whose counters stood still, so every survivor exits with one line naming the lost rank
 // instead of hanging. Leaves out: restarting without the lost rank (elastic training).
-// Introduced in tutorial stage 1.
+// Introduced in chapter 1.
 #pragma once
 
 #include "collectives.hpp"

@@ -9,7 +9,7 @@
 // and writing a file atomically (temporary name, fsync, rename), so that a crash never
 // leaves a half-written file under the real name.
 // Leaves out: memory-mapping (files are read whole), big-endian hosts.
-// Introduced in tutorial stage 5 (checkpoints).
+// Introduced in chapter 5 (checkpoints).
 #pragma once
 
 #include "core.hpp"

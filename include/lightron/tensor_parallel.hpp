@@ -64,8 +64,8 @@ struct CopyToTensorParallelRegion : torch::autograd::Function<CopyToTensorParall
     auto dx = grad[0].clone();
     if (!planted_bug("tp_f_backward")) all_reduce(tp_detail::group(ctx), dx);  // (the "break it" of chapter 2)
     return {dx, torch::Tensor()};
-  // [end snippet: f_backward]
   }
+  // [end snippet: f_backward]
 };
 
 // g: all-reduce forward (after a row-parallel layer), identity backward.

@@ -8,7 +8,7 @@
 // `tensorboard --logdir DIR` where TensorBoard is installed; tests/tensorboard_check.py decodes
 // the same bytes independently.
 // Leaves out: histograms, images, text and every other summary type; big-endian hosts.
-// Introduced in tutorial stage 4 (pretrain_gpt --tensorboard-dir).
+// Introduced in chapter 4 (pretrain_gpt --tensorboard-dir).
 #pragma once
 
 #include "core.hpp"

@@ -1,7 +1,7 @@
 // lightron/tokenizer.hpp — SentencePiece without libsentencepiece (linking it next to
 // libtorch crashes before main: their bundled protobufs clash). Decoding reads the `.vocab`
 // file that spm_train writes; encoding runs the `spm_encode` command-line tool.
-// Introduced in tutorial stage 0.
+// Introduced in chapter 0.
 #pragma once
 
 #include "core.hpp"

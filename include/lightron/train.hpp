@@ -6,7 +6,7 @@
 // The step itself is a few lines in each example, because that is where the parallel
 // layouts differ: who runs forward/backward (pipeline_parallel.hpp), who reduces gradients
 // (data_parallel.hpp), which gradients count towards the norm (tensor_parallel.hpp).
-// Leaves out: loss scaling (fp16), other optimizers. Introduced in tutorial stage 0.
+// Leaves out: loss scaling (fp16), other optimizers. Introduced in chapter 0.
 #pragma once
 
 #include "compat.hpp"
