@@ -5,14 +5,26 @@ that bench/throughput.sh divides by to get MFU (model FLOPs utilisation).
     /usr/bin/python3 bench/gemm_peak.py --threads 2 --size 2048 --repeats 10
 
 Times C = A B for square n×n fp32 matrices (2n³ FLOPs each) through LibTorch, i.e. the BLAS
-that libblas.so.3 points at, and prints one JSON line with the best and the median rate.
+that libblas.so.3 points at, and prints one JSON line with the best and the median rate and
+the kernel OpenBLAS chose ("blas_core"; "" when the BLAS is not OpenBLAS).
 """
 import argparse
+import ctypes
 import json
 import statistics
 import time
 
 import torch
+
+
+def blas_core():
+    """The kernel the loaded OpenBLAS chose (libblas.so.3 is the one LibTorch uses)."""
+    try:
+        name = ctypes.CDLL("libblas.so.3").openblas_get_corename
+    except (OSError, AttributeError):
+        return ""
+    name.restype = ctypes.c_char_p
+    return name().decode()
 
 
 def main():
@@ -34,7 +46,8 @@ def main():
         torch.mm(a, b, out=c)
         rates.append(2 * n ** 3 / (time.perf_counter() - start) / 1e9)
     print(json.dumps({"impl": "gemm", "threads": args.threads, "n": n, "repeats": args.repeats,
-                      "gflops": round(max(rates), 1), "gflops_median": round(statistics.median(rates), 1)}))
+                      "gflops": round(max(rates), 1), "gflops_median": round(statistics.median(rates), 1),
+                      "blas_core": blas_core()}))
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ out, have_cpp, configs = sys.argv[1], sys.argv[2] == "1", sys.argv[3:]
 peak = json.load(open(f"{out}/gemm_peak.json"))
 peak_flops = peak["gflops"] * 1e9
 print(f"\nGEMM peak: {peak['gflops']:.1f} GFLOP/s (fp32, {peak['threads']} threads, best of "
-      f"{peak['repeats']} {peak['n']}^3 products; median {peak['gflops_median']:.1f})")
+      f"{peak['repeats']} {peak['n']}^3 products; median {peak['gflops_median']:.1f}; "
+      f"OpenBLAS kernel {peak.get('blas_core') or 'n/a'})")
 print(f"{'config':<7} {'impl':<9} {'tokens/s':>10} {'ms/iter':>9} {'GFLOP/s':>9} {'MFU':>7}"
       f"   {'best step: tokens/s':>19} {'MFU':>7}")
 for cfg in configs:

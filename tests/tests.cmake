@@ -19,6 +19,10 @@ lightron_mpi_test(mpi_pp_tp_np4 4 ${T} --test-suite=mpi_pp_tp)
 lightron_mpi_test(mpi_pp_dp_np4 4 ${T} --test-suite=mpi_pp_dp)
 lightron_mpi_test(mpi_3d_np8 8 ${T} --test-suite=mpi_3d)
 
+# blas.hpp: a program on a CPU whose OpenBLAS fell back to an old kernel restarts with the
+# right one; the user's OPENBLAS_CORETYPE and --no-blas-fix keep it (skipped without AVX2).
+add_test(NAME blas_fix COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/blas_fix_test.sh ${PROJECT_BINARY_DIR})
+set_tests_properties(blas_fix PROPERTIES SKIP_RETURN_CODE 77)
 add_test(NAME failure COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/failure_test.sh ${PROJECT_BINARY_DIR})
 # Two hosts on one machine (network namespaces joined by a veth pair): torchrun- and
 # Slurm-style launches across them train as one host does. Needs root: skipped (77) otherwise.
