@@ -197,19 +197,21 @@ struct Attention : torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x) {  // (B, T, C) -> (B, T, C)
     auto qkv = c_attn->forward(x);                 // (B, T, (H + 2G) D)
     const int64_t B = qkv.size(0), T = qkv.size(1);
-    auto parts = qkv.split({num_heads * head_dim, num_groups * head_dim, num_groups * head_dim}, -1);
-    auto heads = [&](const torch::Tensor& t, int64_t n) { return t.view({B, T, n, head_dim}).transpose(1, 2); };
-    auto q = heads(parts[0], num_heads), k = heads(parts[1], num_groups), v = heads(parts[2], num_groups);
+    auto parts = qkv.split({num_heads * head_dim, num_groups * head_dim, num_groups * head_dim}, -1);  // q | k | v
+    auto heads = [&](const torch::Tensor& t, int64_t n) {  // (B, T, n D) -> (B, n, T, D)
+      return t.view({B, T, n, head_dim}).transpose(1, 2);
+    };
+    auto q = heads(parts[0], num_heads), k = heads(parts[1], num_groups), v = heads(parts[2], num_groups);  // (B, H|G, T, D)
     if (rope) {
       q = apply_rotary(q, rotary_base);
       k = apply_rotary(k, rotary_base);
     }
     if (num_groups != num_heads) {  // grouped-query attention: head h reads group h / (H/G)
-      k = k.repeat_interleave(num_heads / num_groups, /*dim=*/1);
+      k = k.repeat_interleave(num_heads / num_groups, /*dim=*/1);  // (B, G, T, D) -> (B, H, T, D)
       v = v.repeat_interleave(num_heads / num_groups, /*dim=*/1);
     }
-    auto y = causal_attention(q, k, v).transpose(1, 2).reshape({B, T, num_heads * head_dim});
-    return c_proj->forward(y);
+    auto y = causal_attention(q, k, v).transpose(1, 2).reshape({B, T, num_heads * head_dim});  // (B, T, H D)
+    return c_proj->forward(y);  // (B, T, C)
   }
 };
 
@@ -222,15 +224,15 @@ struct MLP : torch::nn::Module {
     c_fc = register_module("c_fc", std::make_shared<Linear>(c.hidden_size, fc_out, c.add_bias_linear));
     c_proj = register_module("c_proj", std::make_shared<Linear>(c.ffn(), c.hidden_size, c.add_bias_linear));
   }
-  torch::Tensor forward(const torch::Tensor& x) {
+  torch::Tensor forward(const torch::Tensor& x) {  // (B, T, C) -> (B, T, C)
     auto h = c_fc->forward(x);  // (B, T, F) or (B, T, 2F)
     if (swiglu) {
       auto gate_up = h.chunk(2, -1);
-      h = torch::silu(gate_up[0]) * gate_up[1];
+      h = torch::silu(gate_up[0]) * gate_up[1];  // (B, T, F)
     } else {
       h = torch::gelu(h, "tanh");
     }
-    return c_proj->forward(h);
+    return c_proj->forward(h);  // (B, T, C)
   }
 };
 
