@@ -5,9 +5,9 @@
 //     g = reduce_from_tp_region:   all-reduce forward, identity backward
 //     gather_from_tp_region / scatter_to_tp_region: along the last dimension
 // and their sequence-parallel counterparts (arXiv:2205.05198) along the sequence dimension.
-// Layers: ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding and the
-// vocab-parallel cross-entropy, which never materialises the full logits on one rank.
-// tp_model.hpp applies them to an existing GPT. Introduced in chapter 2.
+// Layers: ColumnParallelLinear and RowParallelLinear; the vocabulary's split (embedding and
+// loss) is in vocab_parallel.hpp, and tp_model.hpp applies them all to an existing GPT.
+// Introduced in chapter 2.
 #pragma once
 
 #include "collectives.hpp"
@@ -123,24 +123,12 @@ struct ReduceScatterToSequenceParallelRegion : torch::autograd::Function<ReduceS
   }
 };
 
-// Keep this rank's part of T (after the embedding); backward all-gathers the gradient.
-struct ScatterToSequenceParallelRegion : torch::autograd::Function<ScatterToSequenceParallelRegion> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const Group& g) {
-    ctx->saved_data["group"] = tp_detail::hold(g);
-    return tp_detail::my_slice(g, x, /*dim=*/1);
-  }
-  static tp_detail::Grads backward(torch::autograd::AutogradContext* ctx, tp_detail::Grads grad) {
-    return {all_gather(tp_detail::group(ctx), grad[0], /*dim=*/1), torch::Tensor()};
-  }
-};
-
 inline torch::Tensor copy_to_tp_region(const torch::Tensor& x, const Group& g) { return CopyToTensorParallelRegion::apply(x, g); }
 inline torch::Tensor reduce_from_tp_region(const torch::Tensor& x, const Group& g) { return ReduceFromTensorParallelRegion::apply(x, g); }
 inline torch::Tensor gather_from_tp_region(const torch::Tensor& x, const Group& g) { return GatherFromTensorParallelRegion::apply(x, g); }
 inline torch::Tensor scatter_to_tp_region(const torch::Tensor& x, const Group& g) { return ScatterToTensorParallelRegion::apply(x, g); }
 inline torch::Tensor gather_from_sp_region(const torch::Tensor& x, const Group& g) { return GatherFromSequenceParallelRegion::apply(x, g); }
 inline torch::Tensor reduce_scatter_to_sp_region(const torch::Tensor& x, const Group& g) { return ReduceScatterToSequenceParallelRegion::apply(x, g); }
-inline torch::Tensor scatter_to_sp_region(const torch::Tensor& x, const Group& g) { return ScatterToSequenceParallelRegion::apply(x, g); }
 
 // A layer whose parameters are tensor-parallel shards says how each one splits ("weight",
 // "bias" -> a ShardSpec of the full tensor): checkpoints, the gradient norm and unsharding
@@ -235,31 +223,6 @@ inline std::shared_ptr<RowParallelLinear> row_parallel_from(const Linear& full, 
                                              b, tp, sequence_parallel);
 }
 
-// Rows [start, start + V/p) of the embedding on each rank; ids outside the range give zero
-// vectors, and the ranks' vectors are added up: by g (all-reduce) into (B, T, C) on every
-// rank, or, with sequence parallel, by a reduce-scatter along T into this rank's (B, T/p, C)
-// (Megatron's reduce_scatter_embeddings: half the bytes of the all-reduce on the wire; its
-// backward all-gathers the gradient).
-struct VocabParallelEmbedding : Embedding, TensorParallelLayer {
-  Group tp;
-  int64_t vocab_start;
-  bool sequence_parallel;
-  VocabParallelEmbedding(torch::Tensor w, const Group& g, bool sp = false)
-      : tp(g), vocab_start(w.size(0) * g.rank), sequence_parallel(sp) {
-    weight = register_parameter("weight", w);
-  }
-  torch::Tensor forward(const torch::Tensor& ids) override {  // (B, T)
-    // [snippet: vocab_embedding_forward]
-    auto outside = (ids < vocab_start) | (ids >= vocab_start + weight.size(0));
-    auto local = (ids - vocab_start).masked_fill(outside, 0);
-    auto vectors = torch::embedding(weight, local).masked_fill(outside.unsqueeze(-1), 0.0);  // (B, T, C), partial
-    return sequence_parallel ? reduce_scatter_to_sp_region(vectors, tp)  // (B, T/p, C)
-                             : reduce_from_tp_region(vectors, tp);       // (B, T, C)
-    // [end snippet: vocab_embedding_forward]
-  }
-  ShardSpec shard_spec(const std::string&) const override { return {0, {weight.size(0) * tp.size}}; }
-};
-
 // Every parameter of `model` that a tensor-parallel layer holds, by its full name, with the
 // way it splits (replicated ones of such layers have dim < 0; other parameters are absent).
 inline std::map<std::string, ShardSpec> tp_shard_specs(const torch::nn::Module& model) {
@@ -271,49 +234,6 @@ inline std::map<std::string, ShardSpec> tp_shard_specs(const torch::nn::Module& 
       out[(item.key().empty() ? "" : item.key() + ".") + p.key()] = layer->shard_spec(p.key());
   }
   return out;
-}
-
-// Cross-entropy over logits split by vocabulary (B, T, V/p), per token:
-//   loss = log Σ_v exp(z_v - m) - (z_y - m), with m = max_v z_v,
-// where the max, the sum of exponentials and the target logit z_y are each reduced across
-// the group; backward: softmax - onehot(y), on this rank's columns only. At tp = 2:
-//     logits (B, T, V), by vocabulary:  [ 0 … V/2-1      | V/2 … V-1      ]
-//                                         rank 0 (B,T,V/2)   rank 1 (B,T,V/2)
-//     1. m = max over my columns                    -> all-reduce MAX (B, T, 1)
-//     2. z_y - m if y is one of my columns, else 0  -> all-reduce SUM (B, T): the owner's value
-//     3. Σ exp(z - m) over my columns               -> all-reduce SUM (B, T)
-//     loss = log(3) - (2) on every rank; the (B, T, V) logits are never gathered.
-struct VocabParallelCrossEntropy : torch::autograd::Function<VocabParallelCrossEntropy> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& logits,
-                               const torch::Tensor& labels, const Group& g) {
-    auto z = logits.to(torch::kFloat);  // (B, T, V/p)
-    const int64_t part = z.size(-1), start = part * g.rank;
-    // [snippet: vocab_cross_entropy_forward]
-    auto m = std::get<0>(z.max(-1, /*keepdim=*/true));  // (B, T, 1)
-    all_reduce_max(g, m);
-    z = z - m;
-    auto outside = (labels < start) | (labels >= start + part);
-    auto local = (labels - start).masked_fill(outside, 0);
-    auto target = z.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0);  // (B, T)
-    all_reduce(g, target);
-    auto exp = z.exp();
-    auto sum_exp = exp.sum(-1);
-    all_reduce(g, sum_exp);
-    // [end snippet: vocab_cross_entropy_forward]
-    ctx->save_for_backward({exp / sum_exp.unsqueeze(-1), local, outside});
-    return sum_exp.log() - target;  // (B, T)
-  }
-  static tp_detail::Grads backward(torch::autograd::AutogradContext* ctx, tp_detail::Grads grad) {
-    auto saved = ctx->get_saved_variables();
-    auto dz = saved[0].clone();  // softmax
-    auto inside = (~saved[2]).to(dz.scalar_type());
-    dz.scatter_add_(-1, saved[1].unsqueeze(-1), -inside.unsqueeze(-1));
-    return {dz * grad[0].unsqueeze(-1), torch::Tensor(), torch::Tensor()};
-  }
-};
-
-inline torch::Tensor vocab_parallel_cross_entropy(const torch::Tensor& logits, const torch::Tensor& labels, const Group& g) {
-  return VocabParallelCrossEntropy::apply(logits, labels, g).mean();
 }
 
 }  // namespace lightron

@@ -15,6 +15,7 @@
 
 #include "process_groups.hpp"
 #include "tensor_parallel.hpp"
+#include "vocab_parallel.hpp"  // VocabParallelEmbedding, vocab_parallel_cross_entropy
 
 #include <set>
 
