@@ -189,8 +189,8 @@ class BucketedDataParallel {
       if (s->sync && !bk.ready[index]) {
         bk.ready[index] = true;
         if (++bk.num_ready == bk.params.size()) s->launch(bucket);
-      // [end snippet: bucket_ready]
       }
+      // [end snippet: bucket_ready]
       return outputs;
     }
   };

@@ -38,6 +38,8 @@ class PipelineEngine {
   // Keeps copies of the stage (it shares the model) and of the groups: nothing to dangle.
   PipelineEngine(const PipelineStage& stage, const ProcessGroups& g, int64_t hidden, int64_t seq_divisor)
       : stage_(stage), g_(g), hidden_(hidden), seq_divisor_(seq_divisor) {}
+  PipelineEngine(const PipelineEngine&) = delete;  // the dp hook of run() refers to this engine
+  PipelineEngine& operator=(const PipelineEngine&) = delete;
 
   // Forward (and backward, if `train`) of every micro-batch; returns the mean loss over
   // the micro-batches on every pipeline rank (computed on the last stage, then broadcast).
@@ -58,7 +60,10 @@ class PipelineEngine {
     BucketedDataParallel::NoSync no_sync;
     if (train && ddp) {
       no_sync = ddp->no_sync();
-      ddp->observe_this_step([this](size_t bucket, bool done) { record_allreduce(bucket, done); });
+      // finish() may come after this engine is gone: the hook checks that it is still alive
+      ddp->observe_this_step([this, alive = std::weak_ptr<int>(alive_)](size_t bucket, bool done) {
+        if (alive.lock()) record_allreduce(bucket, done);
+      });
     }
     size_t last_backward = actions.size();
     for (size_t i = 0; i < actions.size(); ++i)
@@ -69,10 +74,10 @@ class PipelineEngine {
       if (i == last_backward) no_sync = {};  // dp: this backward's hooks start the all-reduces
       const double start = clock_.seconds(), cpu = thread_cpu_seconds();
       a.forward ? forward(a, micro, m, train) : backward(a);
-    // [end snippet: engine_dp_overlap]
       timeline.push_back({a.forward ? "F" : "B", a.micro_batch, a.chunk, start, clock_.seconds(),
                           thread_cpu_seconds() - cpu});
     }
+    // [end snippet: engine_dp_overlap]
     for (auto& s : sends_) s.wait();
     sends_.clear();
     step_seconds = clock_.seconds();
@@ -210,6 +215,7 @@ class PipelineEngine {
   int64_t in_flight_ = 0;
   Timer clock_;
   std::string schedule_;
+  std::shared_ptr<int> alive_ = std::make_shared<int>(0);  // expires with the engine (see run)
   int64_t micro_batches_ = 0;
 };
 
