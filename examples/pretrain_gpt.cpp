@@ -12,6 +12,9 @@
 #include <lightron/generate.hpp>
 #include <lightron/trainer_tools.hpp>
 
+#include <cerrno>
+#include <cstring>  // strerror
+#include <filesystem>
 #include <memory>
 
 using namespace lightron;
@@ -55,6 +58,50 @@ std::vector<Batch> to_batches(const GPTSampleSource& source, const std::vector<s
   return batches;
 }
 
+// "" when this rank can create files in `dir` and the file system has `bytes` free, else why not.
+std::string writable_with_room(const std::string& dir, const char* flag, int64_t bytes) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  const auto probe = fs::path(dir) / fmt::format(".write_check.rank{}", global_rank());
+  std::FILE* f = ec ? nullptr : std::fopen(probe.c_str(), "w");
+  const bool wrote = f != nullptr && std::fputs("lightron", f) >= 0 && std::fflush(f) == 0;
+  const std::string why = ec ? ec.message() : std::strerror(errno);
+  if (f) std::fclose(f);
+  fs::remove(probe, ec);
+  if (!wrote) return fmt::format("rank {}: {} {}: cannot write there ({})", global_rank(), flag, dir, why);
+  const auto space = fs::space(dir, ec);
+  if (!ec && int64_t(space.available) < bytes)
+    return fmt::format("rank {}: {} {}: {:.1f} MiB free, a checkpoint needs {:.1f} MiB", global_rank(), flag, dir,
+                       double(space.available) / (1 << 20), double(bytes) / (1 << 20));
+  return "";
+}
+
+// What would otherwise fail after hours of training, checked before step 1: the validation
+// split against the batch, the tokenizer that --sample-tokens needs, and (on every rank, for
+// its own files) that --save can be written and has room for a checkpoint.
+void check_before_training(const Arguments& a, const Datasets& data, const Trainer& trainer, const Group& world) {
+  if (a.train.eval_interval > 0) {
+    require(data.valid != nullptr, "--eval-interval {}: --split {} leaves no documents for validation; give the "
+            "second weight more, or set --eval-interval 0", a.train.eval_interval, a.split);
+    require(data.valid->size() >= a.train.global_batch_size, "--eval-interval {}: the validation split holds {} "
+            "samples, fewer than one global batch ({}); give it more weight in --split or lower --global-batch-size",
+            a.train.eval_interval, data.valid->size(), a.train.global_batch_size);
+  }
+  std::string failure;
+  try {
+    if (a.sample_tokens > 0) encode_with_cli(a.tokenizer_model, "The ");
+  } catch (const UsageError& e) {
+    failure = fmt::format("--sample-tokens {}: {}", a.sample_tokens, e.what());
+  }
+  int64_t bytes = 0;  // this rank's share of a checkpoint: weights and both AdamW moments
+  for (const auto& s : trainer.optimizer->slots) bytes += nbytes(s.param) + nbytes(s.exp_avg) + nbytes(s.exp_avg_sq);
+  auto total = torch::tensor({bytes}, torch::kLong);
+  all_reduce(world, total);
+  if (failure.empty() && !a.save.empty()) failure = writable_with_room(a.save, "--save", total.item<int64_t>());
+  agree_on_failure(world, failure);  // the first rank that failed says why
+}
+
 void print_samples(const Arguments& a, Trainer& trainer) {
   if (a.sample_tokens <= 0 || a.tokenizer_model.empty()) return;
   SpmVocab vocab(spm_vocab_path(a.tokenizer_model));
@@ -80,6 +127,8 @@ int main(int argc, char** argv) {
       print_dry_run(a);
       return 0;
     }
+    // before any thread starts: every later thread inherits the blocked signals (guards.hpp)
+    const EarlyExit early_exit(a.exit_signal_handler, a.exit_interval, a.exit_duration_in_mins);
     validate_arguments(a, env.world_size);  // before anything big is allocated
     setup_process(a.num_threads);
     const torch::Device device = a.device == "cuda" ? torch::Device(torch::kCUDA, env.local_rank) : torch::Device(torch::kCPU);
@@ -116,6 +165,7 @@ int main(int argc, char** argv) {
              counters.consumed_samples);
     }
     int64_t saved_at = first_iteration - 1;  // the last iteration on disk: no second save of it
+    check_before_training(a, data, trainer, groups->world);
 
     MetricsLog metrics(a.metrics_file, a.tensorboard_dir);
     RankFile timeline(a.layout.pp > 1 ? a.timeline_file : "", "--timeline-file", groups->rank);
@@ -146,6 +196,7 @@ int main(int argc, char** argv) {
         m.tflops = m.tokens_per_s * flops / 1e12 / double(env.world_size);  // per rank
         m.mfu = m.tflops / peak;
         m.peak_mib = peak_memory_mib(device);
+        m.skipped_iterations = trainer.guard->skipped_iterations;
         metrics.log(m, a.train.train_iters);
         if (a.layout.pp > 1) {
           auto wall = torch::tensor(trainer.engine->measured_bubble(), torch::kDouble);
@@ -170,6 +221,13 @@ int main(int argc, char** argv) {
       if (!a.save.empty() && a.save_interval > 0 && it % a.save_interval == 0) {
         save_checkpoint(a.save, {it, sampler.consumed_samples}, trainer);
         saved_at = it;
+      }
+      if (const std::string why = early_exit.reason(it, groups->world); !why.empty() && it < a.train.train_iters) {
+        if (!a.save.empty() && saved_at < it) save_checkpoint(a.save, {it, sampler.consumed_samples}, trainer);
+        print0("exiting at iteration {} of {} ({}): {}\n", it, a.train.train_iters, why,
+               a.save.empty() ? "nothing saved (no --save)" : "checkpoint in " + a.save);
+        barrier(groups->world);
+        return 0;
       }
     }
     if (!a.save.empty() && saved_at < a.train.train_iters) save_checkpoint(a.save, {a.train.train_iters, sampler.consumed_samples}, trainer);

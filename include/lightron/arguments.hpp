@@ -31,6 +31,9 @@ struct Arguments {
   int64_t mock_samples = 1 << 16;
   std::string save, load, metrics_file, comm_file;
   int64_t save_interval = 0;
+  bool exit_signal_handler = false;   // SIGTERM/SIGINT/SIGUSR1: finish the iteration, save, exit 0
+  int64_t exit_interval = 0;          // > 0: save and exit at the first iteration divisible by it
+  double exit_duration_in_mins = 0;   // > 0: save and exit after this many minutes
   bool finetune = false, no_load_optim = false, no_load_rng = false;  // what --load restores
   int num_threads = 1;
   double peak_tflops = 0;             // 0: 0.1 TFLOP/s per CPU thread (measured GEMM peak)
@@ -89,6 +92,11 @@ inline void add_training_flags(CLI::App& app, TrainConfig& t) {
   app.add_option("--eval-iters", t.eval_iters);
   app.add_option("--log-interval", t.log_interval);
   app.add_option("--seed", t.seed);
+  app.add_flag("--check-for-nan-in-loss-and-grad,!--no-check-for-nan-in-loss-and-grad",
+               t.check_for_nan_in_loss_and_grad, "stop at a NaN/inf loss or gradient, naming it (default: on)");
+  app.add_option("--skip-spike-factor", t.skip_spike_factor,
+                 "> 1: skip an update whose loss or grad norm exceeds this x the running median; 0: off");
+  app.add_option("--skip-spike-window", t.skip_spike_window, "iterations in the running median");
 }
 
 // Parses argv; a parse error becomes a UsageError (one line, exit 2), --help prints and exits 0.
@@ -120,6 +128,10 @@ inline Arguments parse_arguments(int argc, char** argv, const std::string& descr
   app.add_option("--tokenizer-model", a.tokenizer_model, "SentencePiece .model (its .vocab is next to it)");
   app.add_option("--save", a.save, "checkpoint directory to write");
   app.add_option("--save-interval", a.save_interval, "0: only at the end");
+  app.add_flag("--exit-signal-handler", a.exit_signal_handler,
+               "on SIGTERM, SIGINT or SIGUSR1 finish the iteration, save and exit 0 (a second signal: at once)");
+  app.add_option("--exit-interval", a.exit_interval, "save and exit at an iteration divisible by this; 0: off");
+  app.add_option("--exit-duration-in-mins", a.exit_duration_in_mins, "save and exit after this many minutes; 0: off");
   app.add_option("--load", a.load, "checkpoint directory to resume from (any layout)");
   app.add_flag("--finetune", a.finetune, "--load weights only; iteration and samples start from 0");
   app.add_flag("--no-load-optim", a.no_load_optim, "--load without the AdamW state");
@@ -176,6 +188,11 @@ inline void validate_arguments(Arguments& a, int64_t world_size) {
   require(!a.bf16 || a.device == "cuda", "--bf16 needs --device cuda (bf16 autocast is used on GPUs only)");
   require(a.num_threads >= 1, "--num-threads must be at least 1, got {}", a.num_threads);
   require(a.save_interval >= 0, "--save-interval must not be negative, got {}", a.save_interval);
+  require(a.exit_interval >= 0, "--exit-interval must not be negative, got {}", a.exit_interval);
+  require(a.exit_duration_in_mins >= 0 && std::isfinite(a.exit_duration_in_mins),
+          "--exit-duration-in-mins must be a finite number, 0 or more, got {}", a.exit_duration_in_mins);
+  require(a.sample_tokens == 0 || !a.tokenizer_model.empty(),
+          "--sample-tokens {} needs --tokenizer-model (to turn the sampled ids into text)", a.sample_tokens);
   require(!a.load.empty() || !(a.finetune || a.no_load_optim || a.no_load_rng),
           "--finetune, --no-load-optim and --no-load-rng need --load DIR");
   require(a.distributed_timeout_seconds > 0, "--distributed-timeout-seconds must be positive, got {}",

@@ -37,9 +37,20 @@ struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// A UsageError that only this rank met (its own files): printed by this rank, not rank 0.
+struct LocalUsageError : UsageError {
+  using UsageError::UsageError;
+};
+
 // An error of the distributed run itself (a peer died, a collective timed out): exit 1.
 struct RuntimeFailure : std::runtime_error {
   using std::runtime_error::runtime_error;
+};
+
+// An error that another rank reports for the whole job (guards.hpp elects it): this rank
+// exits 1 without a line of its own, so that the user reads one line, not one per rank.
+struct ReportedElsewhere : RuntimeFailure {
+  using RuntimeFailure::RuntimeFailure;
 };
 
 // Who is speaking: "[rank 5 | tp 1 dp 0 pp 1]" once process groups exist, "" before.
@@ -83,13 +94,16 @@ inline int run_main(const std::function<int()>& body) {
   try {
     return body();
   } catch (const UsageError& e) {  // every rank finds the same mistake: rank 0 says it
-    if (global_rank() == 0) {
+    if (global_rank() == 0 || dynamic_cast<const LocalUsageError*>(&e) != nullptr) {
       fmt::print(stderr, "{}\n", with_prefix(std::string("error: ") + e.what()));
       std::fflush(stderr);
     } else {  // mpirun ends every rank when the first one exits: let rank 0 speak first
       std::this_thread::sleep_for(std::chrono::seconds(2));
     }
     return kUsageExitCode;
+  } catch (const ReportedElsewhere&) {  // give the rank that reports it time to speak
+    std::this_thread::sleep_for(std::chrono::seconds(2));
+    return 1;
   } catch (const c10::Error& e) {
     fmt::print(stderr, "{}\n", with_prefix("error: " + first_line(e.what_without_backtrace())));
     return 1;

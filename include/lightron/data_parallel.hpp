@@ -130,6 +130,11 @@ class BucketedDataParallel {
 
   size_t num_buckets() const { return state_->buckets.size(); }
 
+  // `inspect(names, gradients)` is called with each bucket just before its all-reduce starts,
+  // while the gradients are still this rank's own (guards.hpp notes NaN/inf there).
+  using Inspect = std::function<void(const std::vector<std::string>&, const std::vector<torch::Tensor>&)>;
+  void inspect_before_all_reduce(Inspect inspect) { state_->inspect = std::move(inspect); }
+
   // Until finish() returns, `observer(bucket, done)` is called when a bucket's all-reduce
   // starts (done = false) and when finish() has waited for it (done = true): for timelines.
   void observe_this_step(std::function<void(size_t bucket, bool done)> observer) {
@@ -160,7 +165,9 @@ class BucketedDataParallel {
     std::vector<Bucket> buckets;
     bool sync = true;
     std::function<void(size_t, bool)> observer;  // see observe_this_step
+    Inspect inspect;                              // see inspect_before_all_reduce
     void launch(size_t b) {
+      if (inspect) inspect(buckets[b].names, buckets[b].views);
       buckets[b].launch(dp);
       if (observer) observer(b, /*done=*/false);
     }

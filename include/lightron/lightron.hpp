@@ -28,6 +28,7 @@
 #include "checkpoint_load.hpp"    // load under any layout (resharding)    (chapter 5)
 #include "hf_export.hpp"          // HuggingFace GPT-2 / Llama directories (chapter 5)
 #include "memory.hpp"             // per-rank memory before allocating     (chapter 3)
+#include "guards.hpp"             // NaN/inf, loss spikes, early exit      (chapter 5)
 #include "trainer.hpp"            // one training step for any layout      (chapter 4)
 #include "trainer_tools.hpp"      // full logits, full parameters, checkpoints (chapter 4)
 #include "model_trainer.hpp"      // the step for your own model (tp x dp) (chapter 6)

@@ -15,7 +15,9 @@
 
 #include <sys/resource.h>  // getrusage: peak memory on CPU
 
+#include <cerrno>
 #include <cmath>
+#include <cstring>  // strerror
 #include <cstdio>
 #include <fstream>
 #include <memory>
@@ -37,6 +39,9 @@ struct TrainConfig {
   double clip_grad = 1.0;  // 0 disables clipping
   int64_t eval_interval = 0, eval_iters = 10, log_interval = 10;
   uint64_t seed = 1234;
+  bool check_for_nan_in_loss_and_grad = true;  // stop at a NaN/inf (guards.hpp)
+  double skip_spike_factor = 0;                // > 1: skip updates above factor x the running median
+  int64_t skip_spike_window = 20;              // ... of this many accepted iterations
 
   int64_t accumulation_steps(int64_t dp_size) const { return global_batch_size / (micro_batch_size * dp_size); }
 };
@@ -60,6 +65,10 @@ inline void validate_train_config(const TrainConfig& t, int64_t dp_size) {
   require(t.adam_eps > 0, "--adam-eps must be positive, got {}", t.adam_eps);
   require(t.clip_grad >= 0, "--clip-grad must not be negative, got {}", t.clip_grad);
   require(t.log_interval > 0, "--log-interval must be positive, got {}", t.log_interval);
+  require(t.skip_spike_factor == 0 || (t.skip_spike_factor > 1 && std::isfinite(t.skip_spike_factor)),
+          "--skip-spike-factor must be 0 (off) or a finite number above 1, got {}", t.skip_spike_factor);
+  require(t.skip_spike_window >= 1 && t.skip_spike_window <= 100000, "--skip-spike-window must be in [1, 100000], got {}",
+          t.skip_spike_window);
   require(t.eval_interval >= 0 && t.eval_iters >= 0, "--eval-interval ({}) and --eval-iters ({}) must not be negative",
           t.eval_interval, t.eval_iters);
 }
@@ -202,7 +211,7 @@ inline double peak_memory_mib(const torch::Device& device = torch::kCPU) {
 }
 
 struct StepMetrics {
-  int64_t iteration = 0, consumed_samples = 0;
+  int64_t iteration = 0, consumed_samples = 0, skipped_iterations = 0;
   double lr = 0, loss = 0, grad_norm = 0, ms_per_iter = 0, tokens_per_s = 0, tflops = 0, mfu = 0, peak_mib = 0;
 };
 
@@ -211,7 +220,8 @@ struct StepMetrics {
 struct MetricsLog {
   std::FILE* file = nullptr;
   std::unique_ptr<TensorBoardWriter> tensorboard;
-  explicit MetricsLog(const std::string& path, const std::string& tensorboard_dir = "") {
+  std::string path_;
+  explicit MetricsLog(const std::string& path, const std::string& tensorboard_dir = "") : path_(path) {
     if (global_rank() != 0) return;
     if (!path.empty()) {
       file = std::fopen(path.c_str(), "w");
@@ -227,22 +237,25 @@ struct MetricsLog {
 
   void log(const StepMetrics& m, int64_t train_iters) {
     print0(" iteration {:>6}/{:>6} | consumed samples {:>8} | lr {:.3e} | loss {:.6f} | grad norm {:.3f} |"
-           " {:.1f} ms/iter | {:.0f} tokens/s | {:.3f} TFLOP/s | MFU {:.1f}% | peak mem {:.0f} MiB\n",
+           " {:.1f} ms/iter | {:.0f} tokens/s | {:.3f} TFLOP/s | MFU {:.1f}% | peak mem {:.0f} MiB{}\n",
            m.iteration, train_iters, m.consumed_samples, m.lr, m.loss, m.grad_norm, m.ms_per_iter,
-           m.tokens_per_s, m.tflops, 100.0 * m.mfu, m.peak_mib);
+           m.tokens_per_s, m.tflops, 100.0 * m.mfu, m.peak_mib,
+           m.skipped_iterations > 0 ? fmt::format(" | skipped {}", m.skipped_iterations) : std::string());
     // loss_hex: the exact double (%a), for bit-exact comparisons such as a resumed run's.
-    json(fmt::format("{{\"iteration\": {}, \"consumed_samples\": {}, \"lr\": {:.9g}, \"loss\": {:.9g}, "
-                     "\"loss_hex\": \"{:a}\", \"grad_norm\": {:.9g}, \"ms_per_iter\": {:.4f}, \"tokens_per_s\": {:.2f}, "
-                     "\"tflops\": {:.6f}, \"mfu\": {:.6f}, \"peak_mib\": {:.1f}}}",
-                     m.iteration, m.consumed_samples, m.lr, m.loss, m.loss, m.grad_norm, m.ms_per_iter,
-                     m.tokens_per_s, m.tflops, m.mfu, m.peak_mib));
+    // A NaN or inf is written as null (JSON has no such numbers); loss_hex still spells it.
+    json(fmt::format("{{\"iteration\": {}, \"consumed_samples\": {}, \"lr\": {}, \"loss\": {}, "
+                     "\"loss_hex\": \"{:a}\", \"grad_norm\": {}, \"ms_per_iter\": {:.4f}, \"tokens_per_s\": {:.2f}, "
+                     "\"tflops\": {:.6f}, \"mfu\": {:.6f}, \"peak_mib\": {:.1f}, \"skipped_iterations\": {}}}",
+                     m.iteration, m.consumed_samples, json_number(m.lr), json_number(m.loss), m.loss,
+                     json_number(m.grad_norm), m.ms_per_iter, m.tokens_per_s, m.tflops, m.mfu, m.peak_mib,
+                     m.skipped_iterations));
     scalars(m.iteration, {{"train/loss", m.loss}, {"train/lr", m.lr}, {"train/grad_norm", m.grad_norm},
                           {"perf/tokens_per_s", m.tokens_per_s}, {"perf/tflops", m.tflops}, {"perf/mfu", m.mfu},
                           {"memory/peak_mib", m.peak_mib}});
   }
   void log_eval(int64_t iteration, double loss) {
     print0(" validation at iteration {} | loss {:.6f} | ppl {:.3f}\n", iteration, loss, std::exp(loss));
-    json(fmt::format("{{\"iteration\": {}, \"eval_loss\": {:.9g}}}", iteration, loss));
+    json(fmt::format("{{\"iteration\": {}, \"eval_loss\": {}}}", iteration, json_number(loss)));
     scalars(iteration, {{"eval/loss", loss}});
   }
   void scalars(int64_t step, std::initializer_list<std::pair<const char*, double>> tagged) {
@@ -252,9 +265,13 @@ struct MetricsLog {
   }
   void json(const std::string& line) {
     if (!file) return;
-    fmt::print(file, "{}\n", line);
-    std::fflush(file);
+    // a full disk shows at the flush: say so, rather than stop mid-line in silence
+    if (std::fputs((line + "\n").c_str(), file) < 0 || std::fflush(file) != 0 || std::ferror(file))
+      throw RuntimeFailure(fmt::format("rank {}: --metrics-file {}: writing failed ({})", global_rank(), path_,
+                                       std::strerror(errno)));
   }
+  // A JSON number, or null for NaN and inf (which JSON cannot hold).
+  static std::string json_number(double x) { return std::isfinite(x) ? fmt::format("{:.9g}", x) : "null"; }
 };
 
 }  // namespace lightron

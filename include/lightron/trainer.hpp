@@ -10,6 +10,7 @@
 
 #include "data.hpp"
 #include "data_parallel.hpp"
+#include "guards.hpp"
 #include "pipeline_engine.hpp"
 #include "tp_model.hpp"
 #include "train.hpp"
@@ -53,6 +54,13 @@ class Trainer {
     else
       for (auto& p : params) p.mutable_grad() = torch::zeros_like(p);
     // [end snippet: trainer_compose]
+    guard = std::make_unique<UpdateGuard>(train.check_for_nan_in_loss_and_grad, train.skip_spike_factor,
+                                          train.skip_spike_window);
+    if (ddp && guard->probe())  // the buckets' gradients are noted before their all-reduce starts
+      ddp->inspect_before_all_reduce([probe = guard->probe()](const auto& names, const auto& grads) {
+        probe->note_gradients(names, grads);
+      });
+    plant_test_fault(named_params, groups.rank, guard->iteration());
   }
 
   // One optimizer step over this rank's micro-batches of a global batch; returns the loss
@@ -60,7 +68,9 @@ class Trainer {
   double step(const std::vector<Batch>& micro_batches, int64_t iteration) {
     // [snippet: trainer_step]
     optimizer->zero_grad(/*set_to_none=*/!ddp);
+    guard->start_step(iteration);
     auto loss = forward_backward(to_device(micro_batches));  // pp: the schedule; tp: inside the layers
+    note_own_numbers(loss);                                  // guards: before any reduction mixes them
     if (ddp) ddp->finish();                                  // dp: the buckets' all-reduces, waited for
     else if (groups_.dp.size > 1) all_reduce_gradients(params, groups_.dp);  // dp: one all-reduce each
     if (!planted_bug("skip_sp_grad_all_reduce"))
@@ -72,9 +82,13 @@ class Trainer {
     sq = sq.to(options_.device);
     all_reduce(groups_.tp, sq);  // tp: the shards of a layer add up
     all_reduce(groups_.pp, sq);  // pp: each stage its own layers
-    const auto norm = sq.sqrt();  // stays on the device: no wait before the update
-    clip_grads(params, norm, train_.clip_grad);
-    optimizer->step(lr_at(train_, iteration));
+    const auto norm = sq.sqrt();  // stays on the device: no wait before the update (unless guarded)
+    updated = !guard->checks_anything() ||  // guards: a NaN/inf stops every rank, a spike skips the update
+              guard->allow_update(loss.item<double>(), norm.item<double>(), iteration, groups_.world);
+    if (updated) {
+      clip_grads(params, norm, train_.clip_grad);
+      optimizer->step(lr_at(train_, iteration));
+    }
     grad_norm = norm.item<double>();
     return loss.item<double>();
     // [end snippet: trainer_step]
@@ -108,7 +122,9 @@ class Trainer {
   std::vector<torch::Tensor> params;
   std::unique_ptr<AdamW> optimizer;
   std::unique_ptr<BucketedDataParallel> ddp;
+  std::unique_ptr<UpdateGuard> guard;  // NaN/inf and spikes (guards.hpp); on the heap: ddp's hook points at it
   double grad_norm = 0;
+  bool updated = true;  // false when the guard skipped the last step's update
 
  private:
   // Forward and backward of every micro-batch; the loss averaged over them (double, on the device).
@@ -127,6 +143,20 @@ class Trainer {
       total += loss.detach().to(torch::kDouble);
     }
     return total;
+  }
+
+  // NaN checks: this rank's own loss (the last stage computes it) and, without buckets, its
+  // gradients, noted before the reductions of step().
+  void note_own_numbers(const torch::Tensor& loss) {
+    NonFiniteProbe* probe = guard->probe();
+    if (probe == nullptr) return;
+    if (stage.pp_rank == stage.pp_size - 1) probe->note_loss(loss);
+    if (ddp) return;
+    std::vector<std::string> names;
+    for (const auto& [name, p] : named_params) names.push_back(name);
+    std::vector<torch::Tensor> grads;
+    for (const auto& p : params) grads.push_back(p.grad());
+    probe->note_gradients(names, grads);
   }
 
   static std::vector<torch::Tensor> held_here(const std::vector<torch::Tensor>& some, const std::vector<torch::Tensor>& held) {
