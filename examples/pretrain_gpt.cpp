@@ -58,7 +58,8 @@ std::vector<Batch> to_batches(const GPTSampleSource& source, const std::vector<s
   return batches;
 }
 
-// "" when this rank can create files in `dir` and the file system has `bytes` free, else why not.
+// "" when this rank can create files in `dir` and the file system has `bytes` free, else why
+// not (the message's prefix names the rank).
 std::string writable_with_room(const std::string& dir, const char* flag, int64_t bytes) {
   namespace fs = std::filesystem;
   std::error_code ec;
@@ -69,10 +70,10 @@ std::string writable_with_room(const std::string& dir, const char* flag, int64_t
   const std::string why = ec ? ec.message() : std::strerror(errno);
   if (f) std::fclose(f);
   fs::remove(probe, ec);
-  if (!wrote) return fmt::format("rank {}: {} {}: cannot write there ({})", global_rank(), flag, dir, why);
+  if (!wrote) return fmt::format("{} {}: cannot write there ({})", flag, dir, why);
   const auto space = fs::space(dir, ec);
   if (!ec && int64_t(space.available) < bytes)
-    return fmt::format("rank {}: {} {}: {:.1f} MiB free, a checkpoint needs {:.1f} MiB", global_rank(), flag, dir,
+    return fmt::format("{} {}: {:.1f} MiB free, a checkpoint needs {:.1f} MiB", flag, dir,
                        double(space.available) / (1 << 20), double(bytes) / (1 << 20));
   return "";
 }

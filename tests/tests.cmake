@@ -24,6 +24,9 @@ lightron_mpi_test(mpi_3d_np8 8 ${T} --test-suite=mpi_3d)
 add_test(NAME blas_fix COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/blas_fix_test.sh ${PROJECT_BINARY_DIR})
 set_tests_properties(blas_fix PROPERTIES SKIP_RETURN_CODE 77)
 add_test(NAME failure COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/failure_test.sh ${PROJECT_BINARY_DIR})
+# guards.hpp under real ranks: a planted NaN named by its rank, a planted spike skipped alike,
+# SIGTERM/SIGUSR1 save and exit 0 (then resume bit-exactly), failures before step 1.
+add_test(NAME guards COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/guards_test.sh ${PROJECT_BINARY_DIR})
 # Two hosts on one machine (network namespaces joined by a veth pair): torchrun- and
 # Slurm-style launches across them train as one host does. Needs root: skipped (77) otherwise.
 add_test(NAME two_hosts COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/two_hosts_test.sh ${PROJECT_BINARY_DIR})
