@@ -137,6 +137,23 @@ TEST_SUITE("guards") {
     CHECK_FALSE(bit_identical(before, state));
   }
 
+  TEST_CASE("guards: ModelTrainer (your own model) stops at a NaN gradient too") {
+    const auto c = tiny_config(GPTConfig::gpt2());
+    torch::manual_seed(1);
+    auto model = std::make_shared<GPT>(c);
+    ModelTrainer<GPT> trainer(model, tiny_train(4, 2), *single_rank_groups());
+    int64_t calls = 0;  // once per micro-batch: a NaN in step 2's first, as a model might make one
+    model->ln_f->weight.register_hook([&calls](torch::Tensor g) {
+      return ++calls == 3 ? g * std::numeric_limits<float>::quiet_NaN() : g;
+    });
+    MockGPTDataset data(c.vocab_size, c.seq_length, 256, 1);
+    DataSampler sampler(data.size(), 4, 2, 0, 1, 1);
+    trainer.step(batches_for(c, sampler, data), 1);  // two micro-batches: calls 1 and 2
+    CHECK_THROWS_WITH_AS(trainer.step(batches_for(c, sampler, data), 2),
+                         doctest::Contains("iteration 2: non-finite value (NaN or inf) in the gradient of ln_f.weight"),
+                         RuntimeFailure);
+  }
+
   TEST_CASE("guards: a failure met by one rank alone is reported by that rank") {
     auto g = single_rank_groups();
     CHECK_NOTHROW(agree_on_failure(g->world, ""));

@@ -18,7 +18,7 @@
 // of chapter 5.
 #pragma once
 
-#include "collectives.hpp"
+#include "data_parallel.hpp"
 
 #include <pthread.h>
 #include <signal.h>
@@ -118,17 +118,41 @@ class SpikeRule {
   std::deque<double> losses_, norms_;
 };
 
-// The decision after the reductions, made alike on every rank.
+// The decision after the reductions, made alike on every rank. Not copyable or movable: the
+// bucket hook of watch() points at it (hold it in a unique_ptr, as Trainer does).
 class UpdateGuard {
  public:
+  using NamedParams = std::vector<std::pair<std::string, torch::Tensor>>;
   UpdateGuard(bool check_for_nan, double spike_factor, int64_t spike_window)
       : check_for_nan_(check_for_nan), spike_(spike_factor, spike_window) {}
+  UpdateGuard(const UpdateGuard&) = delete;
+  UpdateGuard& operator=(const UpdateGuard&) = delete;
   bool checks_anything() const { return check_for_nan_ || spike_.enabled(); }
-  // Where this rank notes its own numbers; null when NaN checks are off.
-  NonFiniteProbe* probe() { return check_for_nan_ ? &probe_ : nullptr; }
+
+  // With buckets, each bucket's gradients are noted as its all-reduce starts.
+  void watch(BucketedDataParallel* ddp) {
+    if (ddp == nullptr || !check_for_nan_) return;
+    ddp->inspect_before_all_reduce([probe = &probe_](const auto& names, const auto& grads) {
+      probe->note_gradients(names, grads);
+    });
+  }
   void start_step(int64_t iteration) {
     iteration_->store(iteration);
     probe_.reset();
+  }
+  // After backward, before any reduction: this rank's own loss (if it computed one: a
+  // pipeline's last stage) and, unless watch() notes them bucket by bucket, its gradients.
+  void note_own_numbers(const torch::Tensor& loss, const NamedParams& named, bool bucketed) {
+    if (!check_for_nan_) return;
+    if (loss.defined()) probe_.note_loss(loss);
+    if (bucketed) return;
+    std::vector<std::string> names;
+    std::vector<torch::Tensor> grads;
+    for (const auto& [name, p] : named) {
+      names.push_back(name);
+      grads.push_back(p.grad());
+    }
+    probe_.note_gradients(names, grads);
   }
   // The iteration under way (for plant_test_fault's hook).
   std::shared_ptr<std::atomic<int64_t>> iteration() const { return iteration_; }

@@ -6,6 +6,7 @@
 //     forward/backward over this rank's micro-batches (no_sync() for all but the last)
 //  -> gradients averaged over dp (BucketedDataParallel)
 //  -> the global gradient norm: shards' squares summed over tp, replicated parameters once
+//  -> NaN/inf stop the job, a spike skips the update (guards.hpp, as in Trainer)
 //  -> clipping, AdamW with the scheduled learning rate.
 // Checkpoints read how each parameter splits from the tensor-parallel layers themselves, so
 // a run saved at tp 2 loads at tp 1 and back. parity.hpp compares a layout with one rank.
@@ -16,6 +17,7 @@
 #include "checkpoint_load.hpp"
 #include "data.hpp"
 #include "data_parallel.hpp"
+#include "guards.hpp"
 
 namespace lightron {
 
@@ -35,12 +37,16 @@ class ModelTrainer {
       if (spec.dim >= 0 && groups.tp.size > 1) sharded.insert(name);
     optimizer = std::make_unique<AdamW>(named_params, train);
     if (groups.dp.size > 1) ddp = std::make_unique<BucketedDataParallel>(named_params, groups.dp, bucket_elements);
+    guard = std::make_unique<UpdateGuard>(train.check_for_nan_in_loss_and_grad, train.skip_spike_factor,
+                                          train.skip_spike_window);
+    guard->watch(ddp.get());
   }
 
   // One optimizer step over this rank's micro-batches of a global batch; returns the loss
   // averaged over the global batch (the same number on every rank); sets grad_norm.
   double step(const std::vector<Batch>& micro_batches, int64_t iteration) {
     optimizer->zero_grad();
+    guard->start_step(iteration);
     auto loss = torch::zeros({}, torch::kDouble);
     for (size_t i = 0; i < micro_batches.size(); ++i) {
       BucketedDataParallel::NoSync no_sync;
@@ -49,13 +55,18 @@ class ModelTrainer {
       micro_loss.backward();
       loss += micro_loss.detach().to(torch::kDouble);
     }
+    guard->note_own_numbers(loss, named_params, bool(ddp));  // NaN checks, before any reduction
     if (ddp) ddp->finish();                               // dp: gradients averaged
     all_reduce(groups_.dp, loss, /*average=*/true);       // dp: for the log line
     auto sq = tp_share_grad_sq_norm(named_params, sharded, groups_.tp.rank);
     all_reduce(groups_.tp, sq);                           // tp: each parameter counted once
     const auto norm = sq.sqrt();
-    clip_grads(params, norm, train_.clip_grad);
-    optimizer->step(lr_at(train_, iteration));
+    updated = !guard->checks_anything() ||  // guards.hpp: a NaN/inf stops every rank, a spike skips
+              guard->allow_update(loss.item<double>(), norm.item<double>(), iteration, groups_.world);
+    if (updated) {
+      clip_grads(params, norm, train_.clip_grad);
+      optimizer->step(lr_at(train_, iteration));
+    }
     grad_norm = norm.item<double>();
     return loss.item<double>();
   }
@@ -89,7 +100,9 @@ class ModelTrainer {
   std::set<std::string> sharded;  // parameters split over tp (their squares add up across it)
   std::unique_ptr<AdamW> optimizer;
   std::unique_ptr<BucketedDataParallel> ddp;  // null at dp 1
+  std::unique_ptr<UpdateGuard> guard;         // NaN/inf and spikes; on the heap: ddp's hook points at it
   double grad_norm = 0;
+  bool updated = true;  // false when the guard skipped the last step's update
 
  private:
   TrainConfig train_;

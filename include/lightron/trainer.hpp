@@ -56,10 +56,7 @@ class Trainer {
     // [end snippet: trainer_compose]
     guard = std::make_unique<UpdateGuard>(train.check_for_nan_in_loss_and_grad, train.skip_spike_factor,
                                           train.skip_spike_window);
-    if (ddp && guard->probe())  // the buckets' gradients are noted before their all-reduce starts
-      ddp->inspect_before_all_reduce([probe = guard->probe()](const auto& names, const auto& grads) {
-        probe->note_gradients(names, grads);
-      });
+    guard->watch(ddp.get());
     plant_test_fault(named_params, groups.rank, guard->iteration());
   }
 
@@ -70,7 +67,8 @@ class Trainer {
     optimizer->zero_grad(/*set_to_none=*/!ddp);
     guard->start_step(iteration);
     auto loss = forward_backward(to_device(micro_batches));  // pp: the schedule; tp: inside the layers
-    note_own_numbers(loss);                                  // guards: before any reduction mixes them
+    const auto own_loss = stage.pp_rank + 1 == stage.pp_size ? loss : torch::Tensor();  // pp: the last stage's
+    guard->note_own_numbers(own_loss, named_params, bool(ddp));  // guards: before any reduction mixes them
     if (ddp) ddp->finish();                                  // dp: the buckets' all-reduces, waited for
     else if (groups_.dp.size > 1) all_reduce_gradients(params, groups_.dp);  // dp: one all-reduce each
     if (!planted_bug("skip_sp_grad_all_reduce"))
@@ -143,20 +141,6 @@ class Trainer {
       total += loss.detach().to(torch::kDouble);
     }
     return total;
-  }
-
-  // NaN checks: this rank's own loss (the last stage computes it) and, without buckets, its
-  // gradients, noted before the reductions of step().
-  void note_own_numbers(const torch::Tensor& loss) {
-    NonFiniteProbe* probe = guard->probe();
-    if (probe == nullptr) return;
-    if (stage.pp_rank == stage.pp_size - 1) probe->note_loss(loss);
-    if (ddp) return;
-    std::vector<std::string> names;
-    for (const auto& [name, p] : named_params) names.push_back(name);
-    std::vector<torch::Tensor> grads;
-    for (const auto& p : params) grads.push_back(p.grad());
-    probe->note_gradients(names, grads);
   }
 
   static std::vector<torch::Tensor> held_here(const std::vector<torch::Tensor>& some, const std::vector<torch::Tensor>& held) {
