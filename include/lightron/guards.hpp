@@ -25,8 +25,11 @@
 #include <unistd.h>  // write, _exit
 
 #include <atomic>
+#include <cstdio>  // sscanf
 #include <deque>
+#include <limits>
 #include <memory>
+#include <mutex>  // call_once
 #include <thread>
 
 namespace lightron {
