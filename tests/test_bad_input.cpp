@@ -396,6 +396,41 @@ TEST_CASE("bad input: every row exits 2 with one line naming the flag and its va
   }
 }
 
+// --load of a checkpoint that passes its checksums but must not be trained from: the model of
+// kBaseFlags saved whole, then damaged. The banner is printed before loading, so stdout is
+// not empty here; no step may run, and stderr is one line naming the file and the field or tensor.
+TEST_CASE("bad input: a checkpoint holding NaN, or a manifest field of the wrong type, is refused in one line") {
+  DataFiles files;
+  GPTConfig c = GPTConfig::gpt2();
+  c.vocab_size = 128, c.num_layers = 1, c.hidden_size = 16, c.num_attention_heads = 2, c.seq_length = 8;  // kBaseFlags
+  std::map<std::string, torch::Tensor> weights;
+  for (const auto& p : GPT(c).named_parameters()) weights[p.key()] = p.value().detach().clone();
+  const std::string nan_dir = (files.dir / "nan_ckpt").string(), string_dir = (files.dir / "string_ckpt").string();
+  weights.at("h.0.mlp.c_fc.weight")[1][2] = NAN;
+  save_weights(nan_dir, c, weights);
+  weights.at("h.0.mlp.c_fc.weight")[1][2] = 0.0;
+  save_weights(string_dir, c, weights);
+  const std::string manifest = string_dir + "/iter_0000000/manifest.json";
+  auto m = nlohmann::json::parse(read_file(manifest));
+  m["data"]["consumed_samples"] = "0";
+  std::ofstream(manifest) << m.dump(2);
+  const std::pair<std::string, std::string> cases[] = {
+      {nan_dir, nan_dir + "/iter_0000000/rank_00000.safetensors: 'h.0.mlp.c_fc.weight' holds 1 non-finite value(s)"},
+      {string_dir, manifest + ": field data.consumed_samples must be an integer >= 0, got \"0\""}};
+  for (const auto& [dir, expect] : cases) {
+    auto command = apply_changes(kBaseFlags, "--load " + dir);
+    command.insert(command.begin(), LIGHTRON_BINARY_DIR "/examples/pretrain_gpt");
+    const Outcome o = run(command, files.dir);
+    INFO(show(command), "\nstdout:\n", o.out, "stderr:\n", o.err);
+    CHECK(o.exit_code == kUsageExitCode);
+    CHECK(std::count(o.err.begin(), o.err.end(), '\n') == 1);
+    CHECK_MESSAGE(o.err.find("error: " + expect) != std::string::npos, "expected: " << expect);
+    CHECK(o.out.find("iteration ") == std::string::npos);  // refused before step 1
+    check_no_crash_output(o.out + o.err);
+    CHECK(o.err.find("json.exception") == std::string::npos);
+  }
+}
+
 TEST_CASE("bad input: under mpirun -np 2 a layout mismatch is reported once, by rank 0") {
   DataFiles files;
   const auto command = mpirun_command(kMpiPort, "--tensor-model-parallel-size 4");

@@ -261,11 +261,11 @@ TEST_CASE("checkpoint: a manifest with wrong types, or claims the files contradi
     return tampered(good, name, c, [](nlohmann::json&, std::string&) {}, change);
   };
   check_refused(edit("string_iteration", [](auto& m) { m["iteration"] = "1"; }), dir + "/string_iteration" + manifest,
-                "field iteration must be a count, got \"1\"");
+                "field iteration must be an integer >= 0, got \"1\"");
   check_refused(edit("string_bytes", [](auto& m) { m["files"]["rank_00000.safetensors"]["bytes"] = "abc"; }),
-                dir + "/string_bytes" + manifest, "field files.rank_00000.safetensors.bytes must be a count, got \"abc\"");
+                dir + "/string_bytes" + manifest, "field files.rank_00000.safetensors.bytes must be an integer >= 0, got \"abc\"");
   check_refused(edit("negative_step", [](auto& m) { m["optimizer"]["step"] = -1; }), dir + "/negative_step" + manifest,
-                "field optimizer.step must be a count, got -1");
+                "field optimizer.step must be an integer >= 0, got -1");
   check_refused(edit("string_layers", [](auto& m) { m["config"]["num_layers"] = "2"; }), dir + "/string_layers" + manifest,
                 "field config.num_layers must be an integer, got \"2\"");
   check_refused(edit("bad_rng", [](auto& m) { m["rng"]["torch_cpu"] = "xyz"; }), dir + "/bad_rng" + manifest,
@@ -273,10 +273,13 @@ TEST_CASE("checkpoint: a manifest with wrong types, or claims the files contradi
   check_refused(edit("no_consumed", [](auto& m) { m["data"].erase("consumed_samples"); }), dir + "/no_consumed" + manifest,
                 "field data.consumed_samples is missing");
   check_refused(edit("other_layout_tp", [](auto& m) { m["layout"]["tp"] = 2; }), dir + "/other_layout_tp" + manifest,
-                "lists 1 file(s), but the layout tp 2 cp 1 dp 1 pp 1 saves 2 (rank_00000.safetensors ... rank_00001.safetensors)");
+                "lists 1 file(s), but the layout tp 2 cp 1 dp 1 pp 1 saves tp x pp = 2");
   check_refused(edit("other_layout_pp", [](auto& m) { m["layout"]["pp"] = 2; }), dir + "/other_layout_pp" + manifest,
-                "but the layout tp 1 cp 1 dp 1 pp 2 saves 2");
-  check_refused(edit("outside_file", [](auto& m) { m["files"]["../../x.safetensors"] = m["files"]["rank_00000.safetensors"]; }),
+                "but the layout tp 1 cp 1 dp 1 pp 2 saves tp x pp = 2");
+  auto rename = [](nlohmann::json& m) {  // a path outside the checkpoint instead of the rank's file
+    m["files"] = nlohmann::json{{"../../x.safetensors", m["files"]["rank_00000.safetensors"]}};
+  };
+  check_refused(edit("outside_file", rename),
                 dir + "/outside_file" + manifest, "lists '../../x.safetensors', which the layout tp 1 cp 1 dp 1 pp 1 does not save");
   CHECK(edit("untouched", [](auto&) {}).empty());  // the recomputed checksums alone are fine
 }

@@ -191,8 +191,8 @@ inline void validate_flag_ranges(const Arguments& a) {
   require(a.vocab_size <= (int64_t(1) << 24), "--vocab-size must be at most 16777216 (2^24), got {}", a.vocab_size);
   require(a.make_vocab_size_divisible_by >= 1 && a.make_vocab_size_divisible_by <= 65536,
           "--make-vocab-size-divisible-by must be between 1 and 65536, got {}", a.make_vocab_size_divisible_by);
-  require(a.mock_samples >= 1 && a.mock_samples <= (int64_t(1) << 40),
-          "--mock-samples must be between 1 and 1099511627776 (2^40), got {}", a.mock_samples);
+  require(a.mock_samples >= 1 && a.mock_samples <= (int64_t(1) << 28), "--mock-samples must be between 1 and 268435456 "
+          "(2^28: the sampler shuffles 8 bytes per sample), got {}", a.mock_samples);
   require(a.ddp_bucket_size > 0, "--ddp-bucket-size must be positive, got {}", a.ddp_bucket_size);
   require(a.num_samples_to_print >= 0 && a.num_samples_to_print <= 5,
           "--num-samples must be between 0 and 5 (the built-in prompts), got {}", a.num_samples_to_print);

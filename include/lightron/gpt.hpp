@@ -106,8 +106,9 @@ inline void validate_model_config(const GPTConfig& c) {
   require(!c.rope() || c.head_dim() % 2 == 0, "rope needs an even head size, got {} ({} / {})",
           c.head_dim(), c.hidden_size, c.num_attention_heads);
   require(c.init_method_std > 0, "--init-method-std must be positive, got {}", c.init_method_std);
-  // Upper bounds: the sizes keep every count of elements, FLOPs and bytes inside int64; the
-  // floats are where a larger (or non-finite) value can only give NaN.
+  // Upper bounds: no machine holds a model past the sizes' (a 2^24 x 2^24 matrix alone is 1 PiB
+  // in fp32), and they keep the planner's counts inside int64; past the floats' bounds (or at
+  // NaN/inf) training can only give NaN.
   constexpr int64_t kMaxSize = int64_t(1) << 24, kMaxLayers = 4096;
   require(c.num_layers <= kMaxLayers, "--num-layers must be at most {}, got {}", kMaxLayers, c.num_layers);
   const std::pair<const char*, int64_t> sizes[] = {
