@@ -182,6 +182,20 @@ struct DataFiles {
     fs::copy_file(dir / "good.idx", dir / "truncated.idx");
     fs::copy_file(dir / "good.bin", dir / "truncated.bin");
     fs::resize_file(dir / "truncated.bin", fs::file_size(dir / "good.bin") / 2);
+    const std::pair<const char*, const char*> configs[] = {  // --config files, one mistake each
+        {"good.toml", "# a valid file\nlr = 2e-3  # a comment\nnormalization = \"RMSNorm\"\nswiglu = true\nseed = 7\n"},
+        {"malformed.toml", "lr = 2e-3\nthis is not toml\n"},
+        {"unknown_key.toml", "num-layer = 2\n"},
+        {"underscore.toml", "num_layers = 2\n"},
+        {"wrong_type.toml", "# layers\nnum-layers = \"two\"\n"},
+        {"float_for_int.toml", "num-layers = 2.5\n"},
+        {"switch_value.toml", "swiglu = 3\n"},
+        {"unquoted.toml", "normalization = RMSNorm\n"},
+        {"table.toml", "[model]\nnum-layers = 2\n"},
+        {"twice.toml", "lr = 1e-3\nlr = 2e-3\n"},
+        {"negative_seed.toml", "seed = -3\n"},
+        {"huge_lr.toml", "lr = 1e30\n"}};
+    for (const auto& [name, text] : configs) std::ofstream(dir / name) << text;
   }
   ~DataFiles() { lightron::remove_tree(dir); }
   static void write(const fs::path& prefix, int64_t max_id) {
@@ -255,6 +269,69 @@ const Case kCases[] = {
     {"non-positive --distributed-timeout-seconds", "pretrain_gpt", "--distributed-timeout-seconds 0",
      "--distributed-timeout-seconds must be positive, got 0"},
     {"missing --config file", "pretrain_gpt", "--config {dir}/missing.toml", "{dir}/missing.toml"},
+    {"--config: a line that is not TOML", "pretrain_gpt", "--config {dir}/malformed.toml",
+     "--config {dir}/malformed.toml:2: expected 'key = value', got 'this is not toml'"},
+    {"--config: an unknown key", "pretrain_gpt", "--config {dir}/unknown_key.toml",
+     "--config {dir}/unknown_key.toml:1: unknown key 'num-layer': not a flag of this program"},
+    {"--config: a key with underscores", "pretrain_gpt", "--config {dir}/underscore.toml",
+     "--config {dir}/underscore.toml:1: unknown key 'num_layers': did you mean num-layers?"},
+    {"--config: a string for an integer", "pretrain_gpt", "--config {dir}/wrong_type.toml",
+     "--config {dir}/wrong_type.toml:2: num-layers must be an integer, got \"two\""},
+    {"--config: a float for an integer", "pretrain_gpt", "--config {dir}/float_for_int.toml",
+     "--config {dir}/float_for_int.toml:1: num-layers must be an integer, got 2.5"},
+    {"--config: a number for a switch", "pretrain_gpt", "--config {dir}/switch_value.toml",
+     "--config {dir}/switch_value.toml:1: swiglu is a switch: write swiglu = true or swiglu = false, got 3"},
+    {"--config: an unquoted string", "pretrain_gpt", "--config {dir}/unquoted.toml",
+     "--config {dir}/unquoted.toml:1: normalization = RMSNorm: not a TOML value (text needs quotes"},
+    {"--config: a [table]", "pretrain_gpt", "--config {dir}/table.toml",
+     "--config {dir}/table.toml:1: '[model]': tables are not supported"},
+    {"--config: a key twice", "pretrain_gpt", "--config {dir}/twice.toml",
+     "--config {dir}/twice.toml:2: lr is set twice (first on line 1)"},
+    {"--config: a negative seed", "pretrain_gpt", "--config {dir}/negative_seed.toml",
+     "--config {dir}/negative_seed.toml:1: seed must not be negative, got -3"},
+    {"--config: a value out of range", "pretrain_gpt", "--config {dir}/huge_lr.toml !--lr", "--lr must be at most 1"},
+    {"negative --seed (unsigned)", "pretrain_gpt", "--seed -1", "--seed: must not be negative, got -1"},
+    {"negative --num-layers-per-virtual-pipeline-stage", "pretrain_gpt", "--num-layers-per-virtual-pipeline-stage -1",
+     "--num-layers-per-virtual-pipeline-stage (0: no interleaving) must not be negative, got -1"},
+    {"negative --peak-tflops", "pretrain_gpt", "--peak-tflops -1",
+     "--peak-tflops must be between 0 (0: the device's default) and 100000 TFLOP/s per rank, got -1"},
+    {"negative --check-weight-hash-interval", "pretrain_gpt", "--check-weight-hash-interval -1",
+     "--check-weight-hash-interval (0 disables) must not be negative, got -1"},
+    {"negative --norm-epsilon", "pretrain_gpt", "--norm-epsilon -1e-5", "--norm-epsilon must be in (0, 1]"},
+    {"--rotary-base 0", "pretrain_gpt", "--position-embedding-type rope --rotary-base 0",
+     "--rotary-base must be a finite number above 1"},
+    {"--num-threads 1000", "pretrain_gpt", "--num-threads 1000", "CPUs this process may use), got 1000"},
+    {"--train-iters near the int64 limit", "pretrain_gpt", "--train-iters 9223372036854775807",
+     "--train-iters (9223372036854775807) x --global-batch-size (4) must fit in the 64-bit count of consumed samples"},
+    {"--lr 1e30", "pretrain_gpt", "--lr 1e30", "--lr must be at most 1 (AdamW moves each weight by about lr per step), "
+     "got 1e+30"},
+    {"--lr nan", "pretrain_gpt", "--lr nan", "--lr must be a finite number, got nan"},
+    {"--weight-decay inf", "pretrain_gpt", "--weight-decay inf", "--weight-decay must be a finite number, got inf"},
+    {"--lr x --weight-decay above 1", "pretrain_gpt", "--lr 0.5 --min-lr 0 --weight-decay 4",
+     "--lr (0.5) x --weight-decay (4) must be at most 1"},
+    {"--init-method-std 1e30", "pretrain_gpt", "--init-method-std 1e30", "--init-method-std must be in (0, 1]"},
+    {"--adam-eps inf", "pretrain_gpt", "--adam-eps inf", "--adam-eps must be a finite number, got inf"},
+    {"--micro-batch-size above --global-batch-size", "pretrain_gpt", "--micro-batch-size 8",
+     "--micro-batch-size (8) must not exceed --global-batch-size (4)"},
+    {"--num-layers above its bound", "pretrain_gpt", "--num-layers 5000", "--num-layers must be at most 4096, got 5000"},
+    {"--hidden-size above its bound", "pretrain_gpt", "--hidden-size 33554432",
+     "--hidden-size must be at most 16777216 (2^24), got 33554432"},
+    {"a parallel size above its bound", "pretrain_gpt", "--tensor-model-parallel-size 100000",
+     "parallel sizes must be at most 32768"},
+    {"--distributed-timeout-seconds inf", "pretrain_gpt", "--distributed-timeout-seconds inf",
+     "--distributed-timeout-seconds must be at most 604800 (a week), got inf"},
+    {"--mock-samples 0", "pretrain_gpt", "--mock-samples 0", "--mock-samples must be between 1 and"},
+    {"negative --temperature", "pretrain_gpt", "--temperature -1", "--temperature must be a finite number >= 0"},
+    {"negative --top-k", "pretrain_gpt", "--top-k -1", "--top-k (0: every token) must not be negative, got -1"},
+    {"--skip-spike-factor below 1", "pretrain_gpt", "--skip-spike-factor 0.5",
+     "--skip-spike-factor must be 0 (off) or a finite number above 1, got 0.5"},
+    {"--skip-spike-window 0", "pretrain_gpt", "--skip-spike-factor 3 --skip-spike-window 0",
+     "--skip-spike-window must be in [1, 100000], got 0"},
+    {"negative --exit-interval", "pretrain_gpt", "--exit-interval -1", "--exit-interval must not be negative (0: off), got -1"},
+    {"--exit-duration-in-mins nan", "pretrain_gpt", "--exit-duration-in-mins nan",
+     "--exit-duration-in-mins must be a finite number, 0 or more (0: off), got nan"},
+    {"--sample-tokens without a tokenizer", "pretrain_gpt", "--sample-tokens 5",
+     "--sample-tokens 5 needs --tokenizer-model (to turn the sampled ids into text)"},
     {"preprocess_data: missing --input", "preprocess_data",
      "--input {dir}/missing.txt --output-prefix {dir}/out --vocab-size 64", "--input {dir}/missing.txt: file not found"},
     {"preprocess_data: --vocab-size not given", "preprocess_data", "--input {dir}/missing.txt --output-prefix {dir}/out",
@@ -295,7 +372,7 @@ std::string show(const std::vector<std::string>& args) {
 // would put `run`, `show`, `Case` ... in front of every later test file.
 TEST_CASE("bad input: the base commands are valid, so each row fails only on what it breaks") {
   DataFiles files;
-  for (const char* changes : {"", "!--mock-data --data-path {dir}/good"}) {
+  for (const char* changes : {"", "!--mock-data --data-path {dir}/good", "--config {dir}/good.toml !--lr"}) {
     const auto args = apply_changes(kBaseFlags, replace_all(changes, "{dir}", files.dir.string()));
     std::vector<std::string> command{LIGHTRON_BINARY_DIR "/examples/pretrain_gpt"};
     command.insert(command.end(), args.begin(), args.end());
@@ -325,6 +402,41 @@ TEST_CASE("bad input: every row exits 2 with one line naming the flag and its va
     check_no_crash_output(o.out + o.err);
     CHECK(o.seconds < kHangSeconds);
     CHECK(o.max_rss_kib < kMaxRssKiB);
+  }
+}
+
+// --load of a checkpoint that passes its checksums but must not be trained from: the model of
+// kBaseFlags saved whole, then damaged. The banner is printed before loading, so stdout is
+// not empty here; no step may run, and stderr is one line naming the file and the field or tensor.
+TEST_CASE("bad input: a checkpoint holding NaN, or a manifest field of the wrong type, is refused in one line") {
+  DataFiles files;
+  GPTConfig c = GPTConfig::gpt2();
+  c.vocab_size = 128, c.num_layers = 1, c.hidden_size = 16, c.num_attention_heads = 2, c.seq_length = 8;  // kBaseFlags
+  std::map<std::string, torch::Tensor> weights;
+  for (const auto& p : GPT(c).named_parameters()) weights[p.key()] = p.value().detach().clone();
+  const std::string nan_dir = (files.dir / "nan_ckpt").string(), string_dir = (files.dir / "string_ckpt").string();
+  weights.at("h.0.mlp.c_fc.weight")[1][2] = NAN;
+  save_weights(nan_dir, c, weights);
+  weights.at("h.0.mlp.c_fc.weight")[1][2] = 0.0;
+  save_weights(string_dir, c, weights);
+  const std::string manifest = string_dir + "/iter_0000000/manifest.json";
+  auto m = nlohmann::json::parse(read_file(manifest));
+  m["data"]["consumed_samples"] = "0";
+  std::ofstream(manifest) << m.dump(2);
+  const std::pair<std::string, std::string> cases[] = {
+      {nan_dir, nan_dir + "/iter_0000000/rank_00000.safetensors: 'h.0.mlp.c_fc.weight' holds 1 non-finite value(s)"},
+      {string_dir, manifest + ": field data.consumed_samples must be an integer >= 0, got \"0\""}};
+  for (const auto& [dir, expect] : cases) {
+    auto command = apply_changes(kBaseFlags, "--load " + dir);
+    command.insert(command.begin(), LIGHTRON_BINARY_DIR "/examples/pretrain_gpt");
+    const Outcome o = run(command, files.dir);
+    INFO(show(command), "\nstdout:\n", o.out, "stderr:\n", o.err);
+    CHECK(o.exit_code == kUsageExitCode);
+    CHECK(std::count(o.err.begin(), o.err.end(), '\n') == 1);
+    CHECK_MESSAGE(o.err.find("error: " + expect) != std::string::npos, "expected: " << expect);
+    CHECK(o.out.find("iteration ") == std::string::npos);  // refused before step 1
+    check_no_crash_output(o.out + o.err);
+    CHECK(o.err.find("json.exception") == std::string::npos);
   }
 }
 

@@ -205,6 +205,117 @@ TEST_CASE("checkpoint: a truncated shard and a flipped byte are refused with one
   CHECK(load_error(dir + "/good", c).empty());
 }
 
+// A copy of the 1x1x1 checkpoint `good` (iteration 1), edited as someone who knows the format
+// would: the shard's header and data through `shard`, the size and CRC-32 that the manifest
+// lists for it recomputed, then the manifest through `manifest`. Damage the checksums do not
+// catch; returns the load error of `c` ("" if none).
+std::string tampered(const std::string& good, const std::string& name, const GPTConfig& c,
+                     const std::function<void(nlohmann::json& header, std::string& data)>& shard,
+                     const std::function<void(nlohmann::json& manifest)>& manifest = [](nlohmann::json&) {}) {
+  const std::string dir = (fs::path(good).parent_path() / name).string(), iter = dir + "/iter_0000001";
+  fs::copy(good, dir, fs::copy_options::recursive);
+  const std::string file = iter + "/rank_00000.safetensors", bytes = read_file(file);
+  uint64_t n = 0;
+  std::memcpy(&n, bytes.data(), 8);
+  auto header = nlohmann::json::parse(bytes.substr(8, n));
+  std::string data = bytes.substr(8 + n);
+  shard(header, data);
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');
+  std::string out(8, '\0');
+  n = text.size();
+  std::memcpy(out.data(), &n, 8);
+  out += text + data;
+  write_file_atomically(file, out);
+  auto m = nlohmann::json::parse(read_file(iter + "/manifest.json"));
+  m["files"]["rank_00000.safetensors"] = {{"bytes", out.size()}, {"crc32", crc32(out.data(), out.size())}};
+  manifest(m);
+  write_file_atomically(iter + "/manifest.json", m.dump(2));
+  return load_error(dir, c);
+}
+
+// One line, naming `file`, containing `expect`, and nothing of nlohmann's or LibTorch's own messages.
+void check_refused(const std::string& error, const std::string& file, const std::string& expect) {
+  CHECK_MESSAGE(error.rfind(file + ": ", 0) == 0, error);
+  CHECK_MESSAGE(error.find(expect) != std::string::npos, error << "\nexpected: " << expect);
+  CHECK_MESSAGE(error.find('\n') == std::string::npos, error);
+  for (const char* raw : {"json.exception", "Dimension out of range", "Exception raised from"})
+    CHECK_MESSAGE(error.find(raw) == std::string::npos, error);
+}
+
+// The element `index` of tensor `name` in a shard's data, set to `value` (F32).
+void poke(const nlohmann::json& header, std::string& data, const std::string& name, int64_t index, float value) {
+  const int64_t at = header.at(name).at("data_offsets")[0].get<int64_t>() + index * 4;
+  std::memcpy(data.data() + at, &value, 4);
+}
+
+TEST_CASE("checkpoint: a manifest with wrong types, or claims the files contradict, is refused naming the field") {
+  auto g = single_process();
+  const auto c = tiny_config(GPTConfig::gpt2());
+  const std::string dir = fresh_dir("tampered_manifest"), good = dir + "/good";
+  Run a(c, tiny_train(8, 2), *g);
+  a.step();
+  a.save(good);
+  const std::string manifest = "/iter_0000001/manifest.json";
+  auto edit = [&](const std::string& name, const std::function<void(nlohmann::json&)>& change) {
+    return tampered(good, name, c, [](nlohmann::json&, std::string&) {}, change);
+  };
+  check_refused(edit("string_iteration", [](auto& m) { m["iteration"] = "1"; }), dir + "/string_iteration" + manifest,
+                "field iteration must be an integer >= 0, got \"1\"");
+  check_refused(edit("string_bytes", [](auto& m) { m["files"]["rank_00000.safetensors"]["bytes"] = "abc"; }),
+                dir + "/string_bytes" + manifest, "field files.rank_00000.safetensors.bytes must be an integer >= 0, got \"abc\"");
+  check_refused(edit("negative_step", [](auto& m) { m["optimizer"]["step"] = -1; }), dir + "/negative_step" + manifest,
+                "field optimizer.step must be an integer >= 0, got -1");
+  check_refused(edit("string_layers", [](auto& m) { m["config"]["num_layers"] = "2"; }), dir + "/string_layers" + manifest,
+                "field config.num_layers must be an integer, got \"2\"");
+  check_refused(edit("bad_rng", [](auto& m) { m["rng"]["torch_cpu"] = "xyz"; }), dir + "/bad_rng" + manifest,
+                "field rng.torch_cpu must be");
+  check_refused(edit("no_consumed", [](auto& m) { m["data"].erase("consumed_samples"); }), dir + "/no_consumed" + manifest,
+                "field data.consumed_samples is missing");
+  check_refused(edit("other_layout_tp", [](auto& m) { m["layout"]["tp"] = 2; }), dir + "/other_layout_tp" + manifest,
+                "lists 1 file(s), but the layout tp 2 cp 1 dp 1 pp 1 saves tp x pp = 2");
+  check_refused(edit("other_layout_pp", [](auto& m) { m["layout"]["pp"] = 2; }), dir + "/other_layout_pp" + manifest,
+                "but the layout tp 1 cp 1 dp 1 pp 2 saves tp x pp = 2");
+  auto rename = [](nlohmann::json& m) {  // a path outside the checkpoint instead of the rank's file
+    m["files"] = nlohmann::json{{"../../x.safetensors", m["files"]["rank_00000.safetensors"]}};
+  };
+  check_refused(edit("outside_file", rename),
+                dir + "/outside_file" + manifest, "lists '../../x.safetensors', which the layout tp 1 cp 1 dp 1 pp 1 does not save");
+  CHECK(edit("untouched", [](auto&) {}).empty());  // the recomputed checksums alone are fine
+}
+
+TEST_CASE("checkpoint: an edited shard header (dtype, pieces, duplicate rows) and NaN weights are refused") {
+  auto g = single_process();
+  const auto c = tiny_config(GPTConfig::gpt2());
+  const std::string dir = fresh_dir("tampered_shard"), good = dir + "/good";
+  Run a(c, tiny_train(8, 2), *g);
+  a.step();
+  a.save(good);
+  const int64_t V = c.vocab_size, C = c.hidden_size;
+  auto file = [&](const std::string& name) { return dir + "/" + name + "/iter_0000001/rank_00000.safetensors"; };
+  auto split = [](nlohmann::json pieces, int64_t dim, std::vector<int64_t> global) {
+    return [=](nlohmann::json& h, std::string&) {
+      h["__metadata__"]["wte.weight"] = nlohmann::json{{"dim", dim}, {"global_shape", global}, {"pieces", pieces}}.dump();
+    };
+  };
+  check_refused(tampered(good, "dtype", c, [](auto& h, auto&) { h["wte.weight"]["dtype"] = "I32"; }), file("dtype"),
+                "'wte.weight' is stored as \"I32\"; lightron checkpoints hold F32 tensors only");
+  check_refused(tampered(good, "twice", c, split({{0, 0, V / 2}, {0, V / 2, V / 2}}, 0, {V, C})), dir + "/twice/iter_0000001",
+                fmt::format("rows 0..{} of 'wte.weight' are stored twice", V / 2 - 1));
+  check_refused(tampered(good, "outside", c, split({{0, 0, V + 8}}, 0, {V, C})), file("outside"),
+                fmt::format("the piece [0, 0, {}] of 'wte.weight' lies outside the tensor", V + 8));
+  check_refused(tampered(good, "bad_dim", c, split({{0, 0, V}}, 5, {V, C})), file("bad_dim"),
+                "'wte.weight' is split along dim 5, but it has 2 dimension(s)");
+  check_refused(tampered(good, "string_piece", c, split({{0, "0", V}}, 0, {V, C})), file("string_piece"),
+                "each piece [global start, local start, length] of 'wte.weight' must be 3 non-negative integers");
+  check_refused(tampered(good, "half", c, split({{0, 0, V / 2}}, 0, {V, C})), file("half"),
+                fmt::format("holds {} of the {} rows of 'wte.weight', but the manifest's layout (tp 1)", V / 2, V));
+  check_refused(tampered(good, "nan", c, [](auto& h, auto& d) { poke(h, d, "h.0.attn.c_attn.weight", 3, NAN); }),
+                file("nan"), "'h.0.attn.c_attn.weight' holds 1 non-finite value(s) (NaN or inf)");
+  check_refused(tampered(good, "inf_adam", c, [](auto& h, auto& d) { poke(h, d, "exp_avg_sq.wte.weight", 0, INFINITY); }),
+                file("inf_adam"), "'exp_avg_sq.wte.weight' holds 1 non-finite value(s)");
+}
+
 TEST_CASE("checkpoint: a different model shape is refused before step 1, naming both values") {
   const auto c = tiny_config(GPTConfig::gpt2());
   const std::string dir = fresh_dir("shape");

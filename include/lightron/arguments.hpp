@@ -18,6 +18,8 @@
 
 #include "cli.hpp"  // parse_command_line (CLI11)
 
+#include <sched.h>  // sched_getaffinity: --num-threads' bound
+
 namespace lightron {
 
 struct Arguments {
@@ -164,12 +166,60 @@ inline ParallelOptions parallel_options(const Arguments& a) {
   return o;
 }
 
+// The CPUs this process may run on (its affinity mask, as `nproc`; at least 1).
+inline int usable_cpus() {
+  cpu_set_t set;
+  return sched_getaffinity(0, sizeof(set), &set) == 0 ? std::max(1, CPU_COUNT(&set)) : 1;
+}
+
+// The range of every numeric flag that the model, training and layout checks do not cover
+// (those are validate_model_config, validate_train_config, validate_layout). Non-finite
+// floats never pass: each check is written so that NaN fails it.
+inline void validate_flag_ranges(const Arguments& a) {
+  constexpr int64_t kMaxParallelSize = int64_t(1) << 15;  // tp x cp x dp x pp stays far inside int64
+  require(a.layout.tp <= kMaxParallelSize && a.layout.pp <= kMaxParallelSize && a.layout.cp <= kMaxParallelSize &&
+          a.layout.dp <= kMaxParallelSize, "parallel sizes must be at most {}: --tensor-model-parallel-size {} "
+          "--pipeline-model-parallel-size {} --context-parallel-size {} --data-parallel-size {}", kMaxParallelSize,
+          a.layout.tp, a.layout.pp, a.layout.cp, a.layout.dp);
+  require(a.layout.dp >= 0, "--data-parallel-size must not be negative (0: world size / (tp x cp x pp)), got {}",
+          a.layout.dp);
+  const int cpus = usable_cpus(), max_threads = 4 * cpus;
+  require(a.num_threads >= 1 && a.num_threads <= max_threads,
+          "--num-threads must be between 1 and {} (4 x the {} CPUs this process may use), got {}", max_threads, cpus,
+          a.num_threads);
+  require(a.peak_tflops >= 0 && a.peak_tflops <= 1e5,
+          "--peak-tflops must be between 0 (0: the device's default) and 100000 TFLOP/s per rank, got {}", a.peak_tflops);
+  require(a.distributed_timeout_seconds > 0, "--distributed-timeout-seconds must be positive, got {}",
+          a.distributed_timeout_seconds);
+  require(a.distributed_timeout_seconds <= 7 * 24 * 3600,
+          "--distributed-timeout-seconds must be at most 604800 (a week), got {}", a.distributed_timeout_seconds);
+  const std::pair<const char*, int64_t> not_negative[] = {
+      {"save-interval (0: only at the end)", a.save_interval},
+      {"check-weight-hash-interval (0 disables)", a.check_weight_hash_interval},
+      {"num-layers-per-virtual-pipeline-stage (0: no interleaving)", a.num_layers_per_virtual_pipeline_stage},
+      {"vocab-size (0: the tokenizer's)", a.vocab_size}, {"sample-tokens (0: no samples)", a.sample_tokens},
+      {"top-k (0: every token)", a.top_k}};
+  for (const auto& [flag, value] : not_negative) require(value >= 0, "--{} must not be negative, got {}", flag, value);
+  require(a.vocab_size <= (int64_t(1) << 24), "--vocab-size must be at most 16777216 (2^24), got {}", a.vocab_size);
+  require(a.make_vocab_size_divisible_by >= 1 && a.make_vocab_size_divisible_by <= 65536,
+          "--make-vocab-size-divisible-by must be between 1 and 65536, got {}", a.make_vocab_size_divisible_by);
+  require(a.mock_samples >= 1 && a.mock_samples <= (int64_t(1) << 28), "--mock-samples must be between 1 and 268435456 "
+          "(2^28: the sampler shuffles 8 bytes per sample), got {}", a.mock_samples);
+  require(a.ddp_bucket_size > 0, "--ddp-bucket-size must be positive, got {}", a.ddp_bucket_size);
+  require(a.num_samples_to_print >= 0 && a.num_samples_to_print <= 5,
+          "--num-samples must be between 0 and 5 (the built-in prompts), got {}", a.num_samples_to_print);
+  require(a.temperature >= 0 && std::isfinite(a.temperature),
+          "--temperature must be a finite number >= 0 (0: greedy), got {}", a.temperature);
+  require(a.sample_tokens <= (int64_t(1) << 20), "--sample-tokens must be at most 1048576, got {}", a.sample_tokens);
+}
+
 // Every check that needs no communicator, in one place, before anything big exists.
 // Reads the data's index (small) to check files and token ids against the vocabulary.
 inline void validate_arguments(Arguments& a, int64_t world_size) {
   require(a.layout.tp >= 1 && a.layout.pp >= 1 && a.layout.cp >= 1,
           "parallel sizes must be at least 1: --tensor-model-parallel-size {} --pipeline-model-parallel-size {} "
           "--context-parallel-size {}", a.layout.tp, a.layout.pp, a.layout.cp);
+  validate_flag_ranges(a);
   require(a.layout.cp == 1, "--context-parallel-size {} is not supported yet (context parallelism is a later chapter): "
           "use 1", a.layout.cp);
   const int64_t model_parallel = a.layout.tp * a.layout.pp * a.layout.cp;
@@ -186,22 +236,15 @@ inline void validate_arguments(Arguments& a, int64_t world_size) {
   require(a.device == "cpu" || torch::cuda::is_available(), "--device cuda: no CUDA device is visible (or this "
           "LibTorch is CPU-only); use --device cpu");
   require(!a.bf16 || a.device == "cuda", "--bf16 needs --device cuda (bf16 autocast is used on GPUs only)");
-  require(a.num_threads >= 1, "--num-threads must be at least 1, got {}", a.num_threads);
-  require(a.save_interval >= 0, "--save-interval must not be negative, got {}", a.save_interval);
-  require(a.exit_interval >= 0, "--exit-interval must not be negative, got {}", a.exit_interval);
+  require(a.exit_interval >= 0, "--exit-interval must not be negative (0: off), got {}", a.exit_interval);
   require(a.exit_duration_in_mins >= 0 && std::isfinite(a.exit_duration_in_mins),
-          "--exit-duration-in-mins must be a finite number, 0 or more, got {}", a.exit_duration_in_mins);
+          "--exit-duration-in-mins must be a finite number, 0 or more (0: off), got {}", a.exit_duration_in_mins);
   require(a.sample_tokens == 0 || !a.tokenizer_model.empty(),
           "--sample-tokens {} needs --tokenizer-model (to turn the sampled ids into text)", a.sample_tokens);
   require(!a.load.empty() || !(a.finetune || a.no_load_optim || a.no_load_rng),
           "--finetune, --no-load-optim and --no-load-rng need --load DIR");
-  require(a.distributed_timeout_seconds > 0, "--distributed-timeout-seconds must be positive, got {}",
-          a.distributed_timeout_seconds);
   require(a.ddp_impl == "naive" || a.ddp_impl == "bucketed", "--ddp-impl must be naive or bucketed, got '{}'",
           a.ddp_impl);
-  require(a.ddp_bucket_size > 0, "--ddp-bucket-size must be positive, got {}", a.ddp_bucket_size);
-  require(a.make_vocab_size_divisible_by >= 1, "--make-vocab-size-divisible-by must be at least 1, got {}",
-          a.make_vocab_size_divisible_by);
   require(a.mock_data != !a.data_path.empty(), "give exactly one of --data-path and --mock-data, got {}",
           a.mock_data ? fmt::format("both (--data-path {})", a.data_path) : std::string("neither"));
   split_documents(a.split, /*n=*/0);  // the syntax of --split, even where --mock-data ignores it

@@ -2,8 +2,10 @@
 //   1. find it: --load names a --save directory (latest.json, or else the newest iteration
 //      directory with a manifest) or one iter_* directory. Newer directories without a
 //      manifest are interrupted saves: skipped, and said so;
-//   2. check it: rank 0 compares every file's size and CRC-32 with the manifest and every
-//      rank hears the verdict, so all refuse the same file with the same one-line error;
+//   2. check it: every rank reads the manifest and the files' headers (checkpoint_check.hpp:
+//      field types, the layout against the files, dtype, pieces, rows); rank 0 compares every
+//      file's size and CRC-32 with the manifest and looks for NaN/inf in every tensor, and
+//      every rank hears the verdict, so all refuse the same file with the same one-line error;
 //   3. reshard: each rank reassembles the full tensors it needs from the pieces the files
 //      describe (global shape; global start, local start, length per block), then cuts its
 //      own shard with tp_shard_spec. Loading under the saving layout is the same path.
@@ -11,6 +13,7 @@
 #pragma once
 
 #include "checkpoint.hpp"
+#include "checkpoint_check.hpp"  // read_manifest, the shards' headers, NaN
 
 namespace lightron {
 
@@ -34,7 +37,8 @@ inline FoundCheckpoint find_checkpoint(const std::string& dir) {
     else incomplete[it].push_back(entry.path().string());
   }
   const auto latest = nlohmann::json::parse(std::ifstream(dir + "/latest.json"), nullptr, /*allow_exceptions=*/false);
-  if (latest.is_object() && latest.contains("iteration") && complete(latest["iteration"].get<int64_t>()))
+  if (latest.is_object() && latest.contains("iteration") && latest["iteration"].is_number_integer() &&
+      complete(latest["iteration"].get<int64_t>()))
     chosen = latest["iteration"].get<int64_t>();
   else if (newest >= 0)
     print0("--load {}: latest.json is missing or points to an incomplete directory; using the newest complete "
@@ -68,21 +72,23 @@ class CheckpointReader {
   std::string path;  // the iteration directory
   std::vector<std::string> skipped;
   nlohmann::json manifest;
+  int64_t saved_tp = 1;  // the manifest's layout
 
   // A collective over `world` (a default Group: this process alone). `device`: where the
   // group's collectives run (NCCL needs CUDA tensors).
   explicit CheckpointReader(const std::string& dir, const Group& world = Group{}, torch::Device device = torch::kCPU) {
     auto found = find_checkpoint(dir);
     path = found.path, skipped = found.skipped;
-    manifest = nlohmann::json::parse(std::ifstream(path + "/manifest.json"), nullptr, /*allow_exceptions=*/false);
-    require(manifest.is_object() && manifest.value("format", "") == kCheckpointFormat,
-            "{}/manifest.json: not a {} manifest (unreadable JSON, or another format)", path, kCheckpointFormat);
+    manifest = read_manifest(path);  // every rank: the same manifest, the same verdict
+    saved_tp = manifest["layout"]["tp"].get<int64_t>();
     std::string problem;  // rank 0 reads every file; the others learn which one failed
     auto verdict = torch::full({1}, -1, torch::kLong);
     if (world.rank == 0) {
       int64_t i = 0;
       for (const auto& [file, expected] : manifest["files"].items()) {
-        if (!(problem = check_file(path + "/" + file, expected)).empty()) {
+        problem = check_file(path + "/" + file, expected);
+        if (problem.empty()) problem = check_contents(path + "/" + file);
+        if (!problem.empty()) {
           verdict[0] = i;
           break;
         }
@@ -101,34 +107,27 @@ class CheckpointReader {
       std::memcpy(&n, bytes.data(), 8);
       bytes.resize(8 + std::min<uint64_t>(n, expected.at("bytes").get<uint64_t>()));
       in.read(bytes.data() + 8, std::streamsize(bytes.size() - 8));
-      const auto header = safetensors_header(bytes, path + "/" + file);
-      const auto metadata = header.value("__metadata__", nlohmann::json::object());
-      for (const auto& [name, entry] : header.items())
-        if (name != "__metadata__") index_[name].push_back({file, nlohmann::json::parse(metadata.value(name, "{}"))});
+      index_shard_header(path, file, safetensors_header(bytes, path + "/" + file), saved_tp, index_);
     }
+    for (const auto& [name, stored] : index_) check_tensor_rows(path, name, stored);
   }
 
   bool has(const std::string& name) const { return index_.count(name) > 0; }
 
-  // The full tensor, assembled from every file that holds a piece of it.
+  // The full tensor, assembled from every file that holds a piece of it (checked on construction).
   torch::Tensor full(const std::string& name) {
     auto it = index_.find(name);
     require(it != index_.end(), "--load {}: the checkpoint has no '{}' (saved from another model?)", path, name);
     torch::Tensor out;
-    int64_t dim = 0, covered = 0;
     for (const auto& [file, meta] : it->second) {
       if (!files_.count(file)) files_[file] = read_safetensors(path + "/" + file);
       const torch::Tensor& local = files_[file].tensors.at(name);
       if (!meta.contains("dim")) return local;  // stored whole
-      dim = meta["dim"].get<int64_t>();
+      const int64_t dim = meta["dim"].get<int64_t>();
       if (!out.defined()) out = torch::empty(meta.at("global_shape").get<std::vector<int64_t>>(), local.options());
-      for (const auto& p : meta.at("pieces")) {
+      for (const auto& p : meta.at("pieces"))
         out.narrow(dim, p[0].get<int64_t>(), p[2].get<int64_t>()).copy_(local.narrow(dim, p[1].get<int64_t>(), p[2].get<int64_t>()));
-        covered += p[2].get<int64_t>();
-      }
     }
-    require(covered == out.size(dim), "--load {}: the pieces of '{}' cover {} of its {} rows (a missing file?)", path, name,
-            covered, out.size(dim));
     return out;
   }
 
@@ -141,8 +140,8 @@ class CheckpointReader {
   }
 
  private:
-  std::map<std::string, std::vector<std::pair<std::string, nlohmann::json>>> index_;  // name -> (file, pieces)
-  std::map<std::string, SafetensorsFile> files_;                                      // read on first use
+  std::map<std::string, StoredPieces> index_;     // name -> (file, pieces)
+  std::map<std::string, SafetensorsFile> files_;  // read on first use
 };
 
 // Restores a Trainer's state in place (trainer.hpp calls this), under this run's layout,
@@ -159,10 +158,12 @@ inline CheckpointCounters load_checkpoint(const std::string& dir, const LoadOpti
   for (auto& s : optimizer.slots) {
     const ShardSpec spec = g.layout.tp > 1 ? model.spec_of(s.name) : ShardSpec{};
     auto restore = [&](torch::Tensor& into, const std::string& key) {
-      auto mine = shard(reader.full(key), spec, g.coords.tp, g.layout.tp);
-      require(mine.sizes() == into.sizes(), "--load {}: {} is {} there, {} here", reader.path, key, fmt::join(mine.sizes(), "x"),
-              fmt::join(into.sizes(), "x"));
-      into.copy_(mine);
+      const auto whole = reader.full(key);
+      auto want = into.sizes().vec();  // the whole tensor's shape in this run
+      if (spec.dim >= 0) want[size_t(spec.dim)] *= g.layout.tp;
+      require(whole.sizes() == want, "--load {}: {} is {} there, {} here", reader.path, key, fmt::join(whole.sizes(), "x"),
+              fmt::join(want, "x"));
+      into.copy_(shard(whole, spec, g.coords.tp, g.layout.tp));
     };
     restore(s.param, s.name);
     if (with_optimizer) restore(s.exp_avg, "exp_avg." + s.name), restore(s.exp_avg_sq, "exp_avg_sq." + s.name);

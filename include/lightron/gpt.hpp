@@ -106,6 +106,26 @@ inline void validate_model_config(const GPTConfig& c) {
   require(!c.rope() || c.head_dim() % 2 == 0, "rope needs an even head size, got {} ({} / {})",
           c.head_dim(), c.hidden_size, c.num_attention_heads);
   require(c.init_method_std > 0, "--init-method-std must be positive, got {}", c.init_method_std);
+  // Upper bounds: no machine holds a model past the sizes' (a 2^24 x 2^24 matrix alone is 1 PiB
+  // in fp32), and they keep the planner's counts inside int64; past the floats' bounds (or at
+  // NaN/inf) training can only give NaN.
+  constexpr int64_t kMaxSize = int64_t(1) << 24, kMaxLayers = 4096;
+  require(c.num_layers <= kMaxLayers, "--num-layers must be at most {}, got {}", kMaxLayers, c.num_layers);
+  const std::pair<const char*, int64_t> sizes[] = {
+      {"hidden-size", c.hidden_size}, {"ffn-hidden-size", c.ffn_hidden_size}, {"num-attention-heads", c.num_attention_heads},
+      {"num-query-groups", c.num_query_groups}, {"seq-length", c.seq_length},
+      {"max-position-embeddings", c.max_position_embeddings}, {"vocab-size (padded)", c.vocab_size}};
+  for (const auto& [flag, value] : sizes)
+    require(value <= kMaxSize, "--{} must be at most {} (2^24), got {}", flag, kMaxSize, value);
+  require(std::isfinite(c.init_method_std) && c.init_method_std <= 1,
+          "--init-method-std must be in (0, 1] (GPT-2 uses 0.02; larger weights overflow the logits), got {}",
+          c.init_method_std);
+  require(std::isfinite(c.norm_epsilon) && c.norm_epsilon > 0 && c.norm_epsilon <= 1,
+          "--norm-epsilon must be in (0, 1] (it keeps 1/sqrt(variance + eps) finite; 1e-5 is usual), got {}",
+          c.norm_epsilon);
+  require(std::isfinite(c.rotary_base) && c.rotary_base > 1,
+          "--rotary-base must be a finite number above 1 (RoPE turns by base^(-2i/D); Llama uses 10000), got {}",
+          c.rotary_base);
 }
 
 // ---- the swappable parts -------------------------------------------------------------

@@ -25,6 +25,7 @@
 #include "pipeline_engine.hpp"    // runs them: messages, timeline, bubble (chapter 3)
 #include "safetensors.hpp"        // the file format, CRC-32, atomic writes (chapter 5)
 #include "checkpoint.hpp"         // sharded save: shards, manifest, commit (chapter 5)
+#include "checkpoint_check.hpp"   // what a checkpoint may claim, NaN      (chapter 5)
 #include "checkpoint_load.hpp"    // load under any layout (resharding)    (chapter 5)
 #include "hf_export.hpp"          // HuggingFace GPT-2 / Llama directories (chapter 5)
 #include "memory.hpp"             // per-rank memory before allocating     (chapter 3)

@@ -157,11 +157,16 @@ inline SafetensorsFile parse_safetensors(const std::string& bytes, const std::st
       }
       const auto shape = entry.at("shape").get<std::vector<int64_t>>();
       const auto offsets = entry.at("data_offsets").get<std::vector<int64_t>>();
-      auto t = torch::empty(shape, scalar_type_of(entry.at("dtype").get<std::string>(), path));
-      require(offsets.size() == 2 && offsets[1] - offsets[0] == nbytes(t) && offsets[0] >= 0,
-              "{}: '{}' has data_offsets [{}] for {} bytes of data", path, name, fmt::join(offsets, ", "), nbytes(t));
+      const auto dtype = scalar_type_of(entry.at("dtype").get<std::string>(), path);
+      int64_t size = int64_t(c10::elementSize(dtype));  // from the header, before anything is allocated
+      for (int64_t d : shape)
+        require(d >= 0 && !__builtin_mul_overflow(size, d, &size), "{}: '{}' has an impossible shape [{}]", path, name,
+                fmt::join(shape, ", "));
+      require(offsets.size() == 2 && offsets[0] >= 0 && offsets[1] - offsets[0] == size,
+              "{}: '{}' has data_offsets [{}] for {} bytes of data", path, name, fmt::join(offsets, ", "), size);
       require(offsets[1] <= available, "{}: truncated ({} bytes of data, but '{}' ends at byte {})", path, available,
               name, offsets[1]);
+      auto t = torch::empty(shape, dtype);
       if (t.numel() > 0) std::memcpy(t.data_ptr(), bytes.data() + data_start + offsets[0], static_cast<size_t>(nbytes(t)));
       file.tensors[name] = t;
     }

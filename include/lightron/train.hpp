@@ -20,6 +20,7 @@
 #include <cstring>  // strerror
 #include <cstdio>
 #include <fstream>
+#include <limits>  // numeric_limits
 #include <memory>
 #include <set>
 #include <string>
@@ -47,19 +48,31 @@ struct TrainConfig {
 };
 
 inline void validate_train_config(const TrainConfig& t, int64_t dp_size) {
+  const std::pair<const char*, double> reals[] = {
+      {"lr", t.lr}, {"min-lr", t.min_lr}, {"weight-decay", t.weight_decay}, {"adam-beta1", t.adam_beta1},
+      {"adam-beta2", t.adam_beta2}, {"adam-eps", t.adam_eps}, {"clip-grad", t.clip_grad}};
+  for (const auto& [flag, value] : reals) require(std::isfinite(value), "--{} must be a finite number, got {}", flag, value);
   require(t.micro_batch_size > 0, "--micro-batch-size must be positive, got {}", t.micro_batch_size);
   require(t.global_batch_size > 0, "--global-batch-size must be positive, got {}", t.global_batch_size);
   require(t.train_iters > 0, "--train-iters must be positive, got {}", t.train_iters);
+  require(t.micro_batch_size <= t.global_batch_size, "--micro-batch-size ({}) must not exceed --global-batch-size ({})",
+          t.micro_batch_size, t.global_batch_size);
+  require(t.train_iters <= std::numeric_limits<int64_t>::max() / t.global_batch_size,
+          "--train-iters ({}) x --global-batch-size ({}) must fit in the 64-bit count of consumed samples (at most {})",
+          t.train_iters, t.global_batch_size, std::numeric_limits<int64_t>::max());
   require(t.global_batch_size % (t.micro_batch_size * dp_size) == 0,
           "--global-batch-size ({}) must be divisible by --micro-batch-size ({}) x data-parallel size ({})",
           t.global_batch_size, t.micro_batch_size, dp_size);
   require(t.lr > 0, "--lr must be positive, got {}", t.lr);
+  require(t.lr <= 1, "--lr must be at most 1 (AdamW moves each weight by about lr per step), got {}", t.lr);
   require(t.min_lr >= 0 && t.min_lr <= t.lr, "--min-lr ({}) must be between 0 and --lr ({})", t.min_lr, t.lr);
   require(t.lr_decay_style == "cosine" || t.lr_decay_style == "linear" || t.lr_decay_style == "constant",
           "--lr-decay-style must be cosine, linear or constant, got '{}'", t.lr_decay_style);
   require(t.lr_warmup_iters >= 0, "--lr-warmup-iters must not be negative, got {}", t.lr_warmup_iters);
   require(t.lr_decay_iters >= 0, "--lr-decay-iters must not be negative, got {}", t.lr_decay_iters);
   require(t.weight_decay >= 0, "--weight-decay must not be negative, got {}", t.weight_decay);
+  require(t.lr * t.weight_decay <= 1, "--lr ({}) x --weight-decay ({}) must be at most 1 (each step multiplies a weight "
+          "by 1 - lr x weight-decay)", t.lr, t.weight_decay);
   require(t.adam_beta1 >= 0 && t.adam_beta1 < 1, "--adam-beta1 must be in [0, 1), got {}", t.adam_beta1);
   require(t.adam_beta2 >= 0 && t.adam_beta2 < 1, "--adam-beta2 must be in [0, 1), got {}", t.adam_beta2);
   require(t.adam_eps > 0, "--adam-eps must be positive, got {}", t.adam_eps);
