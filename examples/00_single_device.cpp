@@ -34,7 +34,7 @@ int main(int argc, char** argv) {
 
     // The model: GPT-2 flavour, small enough for a laptop CPU.
     SpmVocab vocab(spm_vocab_path(tokenizer_model));  // spm_train writes both
-    const GPTConfig model_config = course_gpt_config(vocab.size());  // L 4, C 128, H 4, T 64 (gpt.hpp)
+    const GPTConfig model_config = course_gpt_config(vocab.size());  // L 4, C 128, H 4, T 64 (gpt_config.hpp)
 
     TrainConfig train;
     train.micro_batch_size = train.global_batch_size = 16;  // B

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "core.hpp"               // errors, printing once, timing        (chapter 0)
+#include "gpt_config.hpp"         // the model's settings and their checks (chapter 0)
 #include "gpt.hpp"                // the model, GPT-2 and Llama flavours   (chapter 0)
 #include "train.hpp"              // AdamW, LR schedule, clipping, metrics (chapter 0)
 #include "tensorboard.hpp"        // TensorBoard event files by hand       (chapter 4)
