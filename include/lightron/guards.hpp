@@ -34,12 +34,18 @@
 
 namespace lightron {
 
+// The lowest rank of `world` for which `mine` is true (world.size if none): the one that speaks
+// for a failure several ranks may see, so that the user reads one line.
+inline int first_rank_that(const Group& world, bool mine) {
+  auto flag = torch::tensor({mine ? int64_t(world.size - world.rank) : int64_t(0)}, torch::kLong);
+  all_reduce_max(world, flag);
+  return world.size - int(flag.item<int64_t>());
+}
+
 // Every rank runs a check of its own (a path it writes, its share of the data): the first rank
 // that failed reports the whole job's failure (exit 2), the others exit quietly.
 inline void agree_on_failure(const Group& world, const std::string& my_failure) {
-  auto first = torch::tensor({my_failure.empty() ? 0L : int64_t(world.size - world.rank)}, torch::kLong);
-  all_reduce_max(world, first);  // world.size - (the lowest failing rank), or 0
-  const int64_t speaker = world.size - first.item<int64_t>();
+  const int speaker = first_rank_that(world, !my_failure.empty());
   if (speaker == world.size) return;
   if (speaker == world.rank) throw LocalUsageError(my_failure);
   throw ReportedElsewhere("reported by rank " + std::to_string(speaker));
@@ -180,9 +186,8 @@ class UpdateGuard {
  private:
   [[noreturn]] void stop(double loss, double norm, int64_t iteration, const Group& world) {
     const std::string culprit = probe_.culprit();
-    auto first = torch::tensor({culprit.empty() ? 0L : int64_t(world.size - world.rank)}, torch::kLong);
-    all_reduce_max(world, first);  // the lowest rank that saw it first-hand speaks
-    const int64_t speaker = first.item<int64_t>() == 0 ? 0 : world.size - first.item<int64_t>();
+    int speaker = first_rank_that(world, !culprit.empty());  // the lowest that saw it first-hand
+    if (speaker == world.size) speaker = 0;                     // none did: rank 0 speaks
     if (speaker != world.rank) throw ReportedElsewhere("a non-finite loss or gradient, reported by another rank");
     const std::string what = culprit.empty()
         ? fmt::format("the loss ({}) or the gradient norm ({}) after the reductions (every rank's own numbers were "
