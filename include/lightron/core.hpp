@@ -110,6 +110,14 @@ inline std::function<bool(const std::string&)>& rank0_says_it() {
   return says;
 }
 
+// Tells the other ranks that this one fails, before it says why and exits, so that they do not
+// take it for stopped or lost (resilience.hpp marks it in the store; a no-op before the ranks
+// have met).
+inline std::function<void()>& announce_failure() {
+  static std::function<void()> announce = [] {};
+  return announce;
+}
+
 // Set while this rank reports a fault of its own (a failed collective), which ends the process.
 inline std::atomic<bool>& fault_reporting() {
   static std::atomic<bool> reporting{false};
@@ -171,6 +179,7 @@ inline int run_main(const std::function<int()>& body) {
   try {
     return finish(body());
   } catch (const UsageError& e) {
+    announce_failure()();
     if (global_rank() == 0) {
       print_error_line(with_prefix(std::string("error: ") + e.what()));
       rank0_says_it()(e.what());
@@ -179,8 +188,10 @@ inline int run_main(const std::function<int()>& body) {
     }
     return finish(kUsageExitCode);
   } catch (const c10::Error& e) {
+    announce_failure()();
     print_error_line(rank_error(first_line(e.what_without_backtrace())));
   } catch (const std::exception& e) {
+    announce_failure()();
     print_error_line(rank_error(first_line(e.what())));
   }
   return finish(1);

@@ -132,10 +132,10 @@ inline c10::intrusive_ptr<c10d::Store> rendezvous(const LaunchEnv& env, const Gr
   // arrival loop's deadline counts from here too, so that it gives up (naming who is missing)
   // before the watchdog.
   const Timer waited;
-  const Watchdog watchdog(opt.timeout + std::chrono::seconds(2),
+  const Watchdog watchdog(opt.timeout + std::chrono::seconds(1),
                           fmt::format("rank {}: no answer from the rendezvous store at {}:{} within {} s: is rank 0 "
                                       "running, and is MASTER_PORT {} its store's (not another program's)?",
-                                      env.rank, host, port, opt.timeout.count() / 1000 + 2, port));
+                                      env.rank, host, port, opt.timeout.count() / 1000 + 1, port));
   try {
     store = c10::make_intrusive<c10d::TCPStore>(host, o);
   } catch (const std::exception& e) {
@@ -162,6 +162,7 @@ inline c10::intrusive_ptr<c10d::Store> rendezvous(const LaunchEnv& env, const Gr
   }
   start_heartbeat(env.rank, env.world_size, host, port);
   describe_lost_ranks() = [rank = env.rank](double waited) { return describe_from_heartbeats(rank, waited); };
+  announce_failure() = announce_failure_and_wait;
   share_bad_input_through(store);
   return store;
 }

@@ -32,7 +32,7 @@ namespace lightron {
 
 constexpr double kBeatSeconds = 0.5;               // one heartbeat
 constexpr double kStallSeconds = 1.5;              // three missed beats: stopped or lost
-constexpr int64_t kFailedMark = int64_t(1) << 40;  // added to a counter: "reported its own failure"
+constexpr int64_t kFailedMark = int64_t(1) << 40;  // k times this added to a counter: "k-th rank to fail"
 
 // Ends the process with one line unless disarmed within `limit`: for waits that c10d does not
 // bound itself (a store that accepted the connection and never answers).
@@ -63,10 +63,11 @@ struct PeerWatch {
   std::vector<int64_t> beats;                    // every rank's counter at the last read
   std::vector<double> moved_at;                  // when each counter was first seen at that value
   std::vector<double> stall_from, stall_to;      // each rank's latest stall of kStallSeconds or more
-  std::vector<bool> failed;                      // ranks that reported a failure of their own
+  std::vector<int64_t> failed;                   // per rank, 0 or its place among the ranks that failed
   double read_at = 0;                            // end of the last round of reads; 0: none yet
   std::string store_lost;                        // why the store connection broke, once it did
   double paused_from = 0, paused_to = 0;         // this process's latest pause (SIGSTOP)
+  double ticked_at = 0;                          // the launcher watch's last tick
   std::atomic<bool> failing{false}, marked{false};  // this rank reports a failure; the store knows
 };
 inline PeerWatch& peer_watch() {
@@ -80,7 +81,7 @@ inline void record_beats(PeerWatch& w, const std::vector<int64_t>& beats) {
   std::lock_guard<std::mutex> lock(w.mutex);
   const double now = w.clock.seconds(), previous = w.read_at;
   for (size_t r = 0; r < beats.size(); ++r) {
-    w.failed[r] = beats[r] >= kFailedMark;
+    w.failed[r] = beats[r] / kFailedMark;
     if (beats[r] == w.beats[r]) continue;
     if (previous - w.moved_at[r] >= kStallSeconds) w.stall_from[r] = w.moved_at[r], w.stall_to[r] = previous;
     w.beats[r] = beats[r];
@@ -98,7 +99,7 @@ inline void start_heartbeat(int rank, int world_size, const std::string& host, u
     w.beats.assign(world_size, -1);
     w.moved_at.assign(world_size, w.clock.seconds());
     w.stall_from.assign(world_size, 0), w.stall_to.assign(world_size, 0);
-    w.failed.assign(world_size, false);
+    w.failed.assign(world_size, 0);
     w.read_at = w.clock.seconds();
   }
   std::thread([&w, rank, world_size, host, port] {
@@ -109,7 +110,7 @@ inline void start_heartbeat(int rank, int world_size, const std::string& host, u
       auto store = c10::make_intrusive<c10d::TCPStore>(host, o);
       auto key = [](int r) { return fmt::format("lightron/alive/{}", r); };
       for (;;) {
-        if (w.failing && !w.marked) store->add(key(rank), kFailedMark), w.marked = true;
+        if (w.failing && !w.marked) store->add(key(rank), kFailedMark * store->add("lightron/failures", 1)), w.marked = true;
         store->add(key(rank), 1);
         std::vector<int64_t> beats;
         for (int r = 0; r < world_size; ++r) beats.push_back(store->add(key(r), 0));
@@ -168,11 +169,9 @@ inline void watch_launcher() {
         std::this_thread::sleep_for(std::chrono::milliseconds(250));
         stop_if_launcher_gone();
         const double now = w.clock.seconds();
-        if (now - last >= kStallSeconds) {  // this whole process stood still
-          std::lock_guard<std::mutex> lock(w.mutex);
-          w.paused_from = last, w.paused_to = now;
-        }
-        last = now;
+        std::lock_guard<std::mutex> lock(w.mutex);
+        if (now - last >= kStallSeconds) w.paused_from = last, w.paused_to = now;  // the whole process stood still
+        w.ticked_at = last = now;
       }
     }).detach();
   });
@@ -185,10 +184,13 @@ struct Verdict {
   std::string text;
 };
 
-// What the watch says about a call that waited since `since`.
+// What the watch says about a call that waited since `since`. Ranks that failed before are
+// not suspects; the first of them is named only when nobody looks stopped.
 inline Verdict judge(PeerWatch& w, int rank, double since) {
   std::lock_guard<std::mutex> lock(w.mutex);
   const double now = w.clock.seconds();
+  if (now - w.ticked_at > 0.75)  // this process was paused just now, and the watch has yet to see it
+    return {false, "this rank's own watch lags behind (is the machine overloaded?)"};
   if (w.paused_to > w.paused_from && w.paused_to >= since - 1)
     return {true, fmt::format("this rank itself was stopped for {:.1f} s (SIGSTOP, or a paused machine), and its peers "
                               "gave up waiting for it", w.paused_to - w.paused_from)};
@@ -198,13 +200,14 @@ inline Verdict judge(PeerWatch& w, int rank, double since) {
   if (now - w.read_at >= kStallSeconds)
     return {true, fmt::format("rank 0 (the store host) does not answer for {:.1f} s: it is stopped or lost",
                               now - w.read_at)};
-  std::vector<int> stopped, failed;
+  std::vector<int> stopped;
+  int first_failed = -1;
   double longest = 0;
   bool resumed = false;
   for (int r = 0; r < int(w.beats.size()); ++r) {
     if (r == rank) continue;
     if (w.failed[r]) {
-      failed.push_back(r);
+      if (first_failed < 0 || w.failed[r] < w.failed[first_failed]) first_failed = r;
     } else if (w.read_at - w.moved_at[r] >= kStallSeconds) {
       stopped.push_back(r), longest = std::max(longest, w.read_at - w.moved_at[r]);
     } else if (w.stall_to[r] >= since && w.stall_to[r] > w.stall_from[r]) {
@@ -214,16 +217,30 @@ inline Verdict judge(PeerWatch& w, int rank, double since) {
   if (!stopped.empty())
     return {true, fmt::format("no heartbeat from rank(s) {} for {:.1f} s{}: stopped or lost", fmt::join(stopped, ","),
                               longest, resumed ? " (then resumed)" : "")};
-  if (!failed.empty()) return {true, fmt::format("rank(s) {} failed first (see their messages)", fmt::join(failed, ","))};
+  if (first_failed >= 0) return {false, fmt::format("rank {} failed first (see its message)", first_failed)};
   return {false, "every rank's heartbeat goes on: none is stopped or lost (is one stuck, or did it skip this call?)"};
 }
 
-// describe_lost_ranks for a rank with a heartbeat: watches for up to 3 s until someone looks
-// stopped (a rank that died just now needs kStallSeconds to show), then gives this rank's
-// heartbeat a moment to carry its failure mark, so that ranks judging later do not call it lost.
-inline std::string describe_from_heartbeats(int rank, double waited) {
+// Marks this rank as failed in the store (the heartbeat thread does, within a beat) and waits
+// for it, up to 1.5 s and only while the store answers: ranks that judge later then know that
+// this one reported its own failure, and do not call it stopped or lost.
+inline void announce_failure_and_wait() {
   PeerWatch& w = peer_watch();
   w.failing = true;
+  const auto store_answers = [&w] {
+    std::lock_guard<std::mutex> lock(w.mutex);
+    return w.store_lost.empty() && w.clock.seconds() - w.read_at < 1.0;
+  };
+  for (const Timer t; !w.marked && t.seconds() < 1.5 && store_answers();)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+}
+
+// describe_lost_ranks for a rank with a heartbeat: watches for up to 3 s until someone looks
+// stopped (a rank that died just now needs kStallSeconds to show), then announces this rank's
+// failure.
+inline std::string describe_from_heartbeats(int rank, double waited) {
+  PeerWatch& w = peer_watch();
+  w.failing = true;  // the mark goes out while we watch
   const Timer timer;
   const double since = w.clock.seconds() - waited;
   Verdict v = judge(w, rank, since);
@@ -231,13 +248,7 @@ inline std::string describe_from_heartbeats(int rank, double waited) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     v = judge(w, rank, since);
   }
-  const auto store_answers = [&w] {
-    std::lock_guard<std::mutex> lock(w.mutex);
-    return w.store_lost.empty() && w.clock.seconds() - w.read_at < 1.0;
-  };
-  const Timer marking;
-  while (!w.marked && marking.seconds() < 1.5 && store_answers())
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  announce_failure_and_wait();
   return v.text;
 }
 
