@@ -213,17 +213,16 @@ inline void crash_here_if_testing(const std::string& path, const std::string& by
   std::_Exit(3);
 }
 
-// A file operation of the save: a failure is about this rank and this path (a full disk, a
-// directory it cannot write), so it is a RuntimeFailure, which run_main prints on this rank.
+// A file operation of the save, whose failure (a full disk, a bad path) run_main prints on this rank.
 template <typename F>
 inline void on_this_rank(const std::string& what, F&& f) {
   errno = 0;
   try {
     f();
-  } catch (const std::exception& e) {
-    const int error = errno;
-    throw RuntimeFailure(fmt::format("checkpoint: cannot {}: {}{}", what, first_line(e.what()),
-                                     error != 0 ? fmt::format(" [{}]", std::strerror(error)) : ""));
+  } catch (const std::exception& e) {  // errno says why a write failed, when the message does not
+    const std::string message = first_line(e.what()), reason = errno != 0 ? std::strerror(errno) : "";
+    throw RuntimeFailure(fmt::format("checkpoint: cannot {}: {}{}", what, message,
+                                     reason.empty() || message.find(reason) != std::string::npos ? "" : " [" + reason + "]"));
   }
 }
 
@@ -235,7 +234,8 @@ inline void write_checkpoint(const std::string& dir, int64_t iteration, nlohmann
   namespace fs = std::filesystem;
   const std::string final_dir = iteration_dir(dir, iteration), staging = final_dir + ".tmp";
   stop_if_launcher_gone();
-  if (world.rank == 0) on_this_rank("create " + staging, [&] { lightron::remove_tree(staging), fs::create_directories(staging); });
+  if (world.rank == 0)
+    on_this_rank("create " + staging, [&] { lightron::remove_tree(staging), fs::create_directories(staging); });
   barrier(world);
   auto files = torch::zeros({world.size, 2}, torch::kLong);  // (bytes, CRC-32) per rank; 0 bytes: no file
   if (!mine.empty()) {

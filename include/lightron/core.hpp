@@ -94,7 +94,8 @@ inline void print_error_line(const std::string& line) {
 inline std::string rank_error(const std::string& text) {
   if (!rank_prefix().empty()) return with_prefix("error: " + text);
   const std::string rank = fmt::format("rank {}", global_rank());
-  const bool named = text.compare(0, rank.size(), rank) == 0 && text.size() > rank.size() && !std::isdigit(static_cast<unsigned char>(text[rank.size()]));
+  const bool named = text.compare(0, rank.size(), rank) == 0 && text.size() > rank.size() &&
+                     !std::isdigit(static_cast<unsigned char>(text[rank.size()]));
   return global_rank() == 0 || named ? "error: " + text : fmt::format("error: {}: {}", rank, text);
 }
 

@@ -162,7 +162,7 @@ inline c10::intrusive_ptr<c10d::Store> rendezvous(const LaunchEnv& env, const Gr
   }
   start_heartbeat(env.rank, env.world_size, host, port);
   describe_lost_ranks() = [rank = env.rank](double waited) { return describe_from_heartbeats(rank, waited); };
-  announce_failure() = announce_failure_and_wait;
+  announce_failure() = [] { announce_failure_and_wait(kFailedOwnError); };
   share_bad_input_through(store);
   return store;
 }

@@ -32,7 +32,8 @@ namespace lightron {
 
 constexpr double kBeatSeconds = 0.5;               // one heartbeat
 constexpr double kStallSeconds = 1.5;              // three missed beats: stopped or lost
-constexpr int64_t kFailedMark = int64_t(1) << 40;  // k times this added to a counter: "k-th rank to fail"
+constexpr int64_t kFailedMark = int64_t(1) << 40;  // added to a counter once: the rank reports a failure
+constexpr int kFailedCall = 1, kFailedOwnError = 2;  // of a collective call (maybe a peer's fault); its own
 
 // Ends the process with one line unless disarmed within `limit`: for waits that c10d does not
 // bound itself (a store that accepted the connection and never answers).
@@ -63,12 +64,13 @@ struct PeerWatch {
   std::vector<int64_t> beats;                    // every rank's counter at the last read
   std::vector<double> moved_at;                  // when each counter was first seen at that value
   std::vector<double> stall_from, stall_to;      // each rank's latest stall of kStallSeconds or more
-  std::vector<int64_t> failed;                   // per rank, 0 or its place among the ranks that failed
+  std::vector<int64_t> failed;                   // per rank: 0, kFailedCall or kFailedOwnError
   double read_at = 0;                            // end of the last round of reads; 0: none yet
   std::string store_lost;                        // why the store connection broke, once it did
   double paused_from = 0, paused_to = 0;         // this process's latest pause (SIGSTOP)
   double ticked_at = 0;                          // the launcher watch's last tick
-  std::atomic<bool> failing{false}, marked{false};  // this rank reports a failure; the store knows
+  std::atomic<int> failing{0};                   // this rank reports a failure of this kind
+  std::atomic<bool> marked{false};               // and the store knows
 };
 inline PeerWatch& peer_watch() {
   static auto* watch = new PeerWatch;
@@ -110,7 +112,7 @@ inline void start_heartbeat(int rank, int world_size, const std::string& host, u
       auto store = c10::make_intrusive<c10d::TCPStore>(host, o);
       auto key = [](int r) { return fmt::format("lightron/alive/{}", r); };
       for (;;) {
-        if (w.failing && !w.marked) store->add(key(rank), kFailedMark * store->add("lightron/failures", 1)), w.marked = true;
+        if (w.failing && !w.marked) store->add(key(rank), kFailedMark * w.failing), w.marked = true;
         store->add(key(rank), 1);
         std::vector<int64_t> beats;
         for (int r = 0; r < world_size; ++r) beats.push_back(store->add(key(r), 0));
@@ -184,8 +186,26 @@ struct Verdict {
   std::string text;
 };
 
-// What the watch says about a call that waited since `since`. Ranks that failed before are
-// not suspects; the first of them is named only when nobody looks stopped.
+// Ranks that are stopped: their counters stand still now (for how long), or stood still for
+// kStallSeconds or more at some time after `since` (then resumed). Ranks that reported a
+// failure are not suspects.
+inline std::vector<int> stopped_ranks(const PeerWatch& w, int rank, double since, double& longest, bool& resumed) {
+  std::vector<int> stopped;
+  for (int r = 0; r < int(w.beats.size()); ++r) {
+    if (r == rank || w.failed[r]) continue;
+    if (w.read_at - w.moved_at[r] >= kStallSeconds) {
+      stopped.push_back(r), longest = std::max(longest, w.read_at - w.moved_at[r]);
+    } else if (w.stall_to[r] >= since && w.stall_to[r] > w.stall_from[r]) {
+      stopped.push_back(r), longest = std::max(longest, w.stall_to[r] - w.stall_from[r]), resumed = true;
+    }
+  }
+  return stopped;
+}
+
+// What the watch says about a call that waited since `since`: this rank's own pause, a rank
+// that is stopped (rank 0's shows as a store that does not answer), one that failed with an
+// error of its own, or, when none of these shows within a few seconds, the ranks whose
+// collective calls failed too.
 inline Verdict judge(PeerWatch& w, int rank, double since) {
   std::lock_guard<std::mutex> lock(w.mutex);
   const double now = w.clock.seconds();
@@ -194,39 +214,36 @@ inline Verdict judge(PeerWatch& w, int rank, double since) {
   if (w.paused_to > w.paused_from && w.paused_to >= since - 1)
     return {true, fmt::format("this rank itself was stopped for {:.1f} s (SIGSTOP, or a paused machine), and its peers "
                               "gave up waiting for it", w.paused_to - w.paused_from)};
+  double longest = 0;
+  bool resumed = false;
+  const std::vector<int> stopped = stopped_ranks(w, rank, since, longest, resumed);
+  std::vector<int> own_error, failed_call;
+  for (int r = 0; r < int(w.beats.size()); ++r)
+    if (r != rank && w.failed[r]) (w.failed[r] == kFailedOwnError ? own_error : failed_call).push_back(r);
+  const std::string left = w.store_lost.empty() ? "" : "; rank 0 (the store host) has left since";
+  if (!stopped.empty())
+    return {true, fmt::format("no heartbeat from rank(s) {} for {:.1f} s{}: stopped or lost{}", fmt::join(stopped, ","),
+                              longest, resumed ? " (then resumed)" : "", left)};
+  if (!own_error.empty())
+    return {true, fmt::format("rank(s) {} failed with an error of their own (see their messages){}",
+                              fmt::join(own_error, ","), left)};
   if (!w.store_lost.empty())
     return {true, fmt::format("rank 0 (the store host) {}: its store closed the connection ({})",
-                              w.failed.at(0) ? "left after an error of its own" : "is lost", w.store_lost)};
+                              w.failed.at(0) ? "left after its own failure" : "is lost", w.store_lost)};
   if (now - w.read_at >= kStallSeconds)
     return {true, fmt::format("rank 0 (the store host) does not answer for {:.1f} s: it is stopped or lost",
                               now - w.read_at)};
-  std::vector<int> stopped;
-  int first_failed = -1;
-  double longest = 0;
-  bool resumed = false;
-  for (int r = 0; r < int(w.beats.size()); ++r) {
-    if (r == rank) continue;
-    if (w.failed[r]) {
-      if (first_failed < 0 || w.failed[r] < w.failed[first_failed]) first_failed = r;
-    } else if (w.read_at - w.moved_at[r] >= kStallSeconds) {
-      stopped.push_back(r), longest = std::max(longest, w.read_at - w.moved_at[r]);
-    } else if (w.stall_to[r] >= since && w.stall_to[r] > w.stall_from[r]) {
-      stopped.push_back(r), longest = std::max(longest, w.stall_to[r] - w.stall_from[r]), resumed = true;
-    }
-  }
-  if (!stopped.empty())
-    return {true, fmt::format("no heartbeat from rank(s) {} for {:.1f} s{}: stopped or lost", fmt::join(stopped, ","),
-                              longest, resumed ? " (then resumed)" : "")};
-  if (first_failed >= 0) return {false, fmt::format("rank {} failed first (see its message)", first_failed)};
+  if (!failed_call.empty())
+    return {false, fmt::format("rank(s) {} failed a call too (see their messages)", fmt::join(failed_call, ","))};
   return {false, "every rank's heartbeat goes on: none is stopped or lost (is one stuck, or did it skip this call?)"};
 }
 
-// Marks this rank as failed in the store (the heartbeat thread does, within a beat) and waits
-// for it, up to 1.5 s and only while the store answers: ranks that judge later then know that
-// this one reported its own failure, and do not call it stopped or lost.
-inline void announce_failure_and_wait() {
+// Marks this rank as failed (`kind`) in the store (the heartbeat thread does, within a beat) and
+// waits for it, up to 1.5 s and only while the store answers: ranks that judge later then know
+// that this one reported its own failure, and do not call it stopped or lost.
+inline void announce_failure_and_wait(int kind) {
   PeerWatch& w = peer_watch();
-  w.failing = true;
+  w.failing = kind;
   const auto store_answers = [&w] {
     std::lock_guard<std::mutex> lock(w.mutex);
     return w.store_lost.empty() && w.clock.seconds() - w.read_at < 1.0;
@@ -240,7 +257,7 @@ inline void announce_failure_and_wait() {
 // failure.
 inline std::string describe_from_heartbeats(int rank, double waited) {
   PeerWatch& w = peer_watch();
-  w.failing = true;  // the mark goes out while we watch
+  w.failing = kFailedCall;  // the mark goes out while we watch
   const Timer timer;
   const double since = w.clock.seconds() - waited;
   Verdict v = judge(w, rank, since);
@@ -248,13 +265,14 @@ inline std::string describe_from_heartbeats(int rank, double waited) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     v = judge(w, rank, since);
   }
-  announce_failure_and_wait();
+  announce_failure_and_wait(kFailedCall);
   return v.text;
 }
 
 // rank0_says_it through the store: rank 0 publishes the bad input it reported; another rank
-// waits up to 2 s for it and keeps quiet only when it is the same text. Store calls run on a
-// helper thread, so that a stopped rank 0 cannot hold this rank: then it speaks for itself.
+// waits up to 2 s for it (less when rank 0 fails a collective call meanwhile: under mpirun its
+// exit would end this rank before it speaks) and keeps quiet only when it is the same text.
+// Store calls run on a helper thread, so that a stopped rank 0 cannot hold this rank.
 inline void share_bad_input_through(const c10::intrusive_ptr<c10d::Store>& store) {
   rank0_says_it() = [store](const std::string& what) {
     const std::string key = "lightron/bad_input/0";
@@ -264,10 +282,12 @@ inline void share_bad_input_through(const c10::intrusive_ptr<c10d::Store>& store
       try {
         if (rank == 0) store->set(key, std::vector<uint8_t>(what.begin(), what.end()));
         for (const Timer t; rank != 0 && t.seconds() < 2.0; std::this_thread::sleep_for(std::chrono::milliseconds(50))) {
-          if (!store->check({key})) continue;
-          const auto said = store->get(key);
-          answer = std::string(said.begin(), said.end()) == what;
-          break;
+          if (store->check({key})) {
+            const auto said = store->get(key);
+            answer = std::string(said.begin(), said.end()) == what;
+            break;
+          }
+          if (store->add("lightron/alive/0", 0) / kFailedMark == kFailedCall) break;  // rank 0 fails another way
         }
       } catch (...) {  // the store is gone: this rank speaks for itself
       }
