@@ -41,9 +41,20 @@ struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// A UsageError that only this rank met (its own files): printed by this rank, not rank 0.
+struct LocalUsageError : UsageError {
+  using UsageError::UsageError;
+};
+
 // An error of the distributed run itself (a peer died, a collective timed out): exit 1.
 struct RuntimeFailure : std::runtime_error {
   using std::runtime_error::runtime_error;
+};
+
+// An error that another rank reports for the whole job (guards.hpp elects it): this rank
+// exits 1 without a line of its own, so that the user reads one line, not one per rank.
+struct ReportedElsewhere : RuntimeFailure {
+  using RuntimeFailure::RuntimeFailure;
 };
 
 // Who is speaking: "[rank 5 | tp 1 dp 0 pp 1]" once process groups exist, "" before.
@@ -171,7 +182,8 @@ inline MainState& main_state() {
 //   * bad input that every rank meets alike (flags, the layout, a checkpoint they all read) is
 //     printed once, by rank 0. A rank > 0 with a UsageError keeps quiet only when rank 0
 //     reports the very same text (rank0_says_it), so bad input that only rank 3 meets is
-//     still reported, by rank 3.
+//     still reported, by rank 3 (at once when it is a LocalUsageError);
+//   * an error that another rank reports for the whole job (ReportedElsewhere) is not printed.
 inline int run_main(const std::function<int()>& body) {
   main_state().thread = std::this_thread::get_id();
   std::set_terminate(on_terminate);
@@ -181,13 +193,17 @@ inline int run_main(const std::function<int()>& body) {
     return finish(body());
   } catch (const UsageError& e) {
     announce_failure()();
+    const bool local = dynamic_cast<const LocalUsageError*>(&e) != nullptr;
     if (global_rank() == 0) {
       print_error_line(with_prefix(std::string("error: ") + e.what()));
       rank0_says_it()(e.what());
-    } else if (!rank0_says_it()(e.what())) {
+    } else if (local || !rank0_says_it()(e.what())) {
       print_error_line(rank_error(e.what()));
     }
     return finish(kUsageExitCode);
+  } catch (const ReportedElsewhere&) {  // give the rank that reports it time to speak
+    std::this_thread::sleep_for(std::chrono::seconds(2));
+    return finish(1);
   } catch (const c10::Error& e) {
     announce_failure()();
     print_error_line(rank_error(first_line(e.what_without_backtrace())));
