@@ -244,27 +244,38 @@ scenario_c() {
 }
 
 # ---- (d) a rank dies, and no launcher cleans up ----------------------------------------------
+# dead_direct VICTIM: kill -9 rank VICTIM of 4 started directly; every other rank must say one
+# line naming it (rank 0 as the store host), within 15 s.
+dead_direct() {
+  local victim=$1 r others=()
+  for r in 0 1 2 3; do ((r == victim)) || others+=("$r"); done
+  echo "== (d) dead rank without mpirun: kill -9 rank $victim of 4 started directly"
+  dir=$work/dead_direct_$victim
+  start_direct "$dir" 4 --distributed-timeout-seconds $timeout_s || return
+  kill -9 "$(cat "$dir/pid.$victim")"
+  start=$(now)
+  { wait "${waiter[$victim]}"; } 2>/dev/null  # without bash's "Killed" job notice
+  wait_until 15 ranks_gone "$dir" "${others[@]}" || fail "the other ranks still run 15 s after rank $victim was killed"
+  echo "   the other ranks gone after $(seconds_since "$start") s"
+  local named="no heartbeat from rank\(s\) $victim "
+  ((victim == 0)) && named="rank 0 \(the store host\) is lost"
+  for r in "${others[@]}"; do
+    wait "${waiter[$r]}"
+    rc=$?
+    ((rc != 0 && rc != 124 && rc != 137)) || fail "rank $r: expected an exit of its own, non-zero, got $rc"
+    n=$(grep -c "error: " "$dir/out.$r")
+    ((n == 1)) || fail "rank $r printed $n error lines, expected one"
+  done
+  grep -Eq "$named" "$dir/out.$((victim == 0 ? 1 : 0))" || fail "rank $((victim == 0 ? 1 : 0)) does not name rank $victim"
+  cat "$dir"/out.[0-3] >"$dir/out.txt"
+  wrong_rank_named "$dir/out.txt" "$victim"
+  no_raw_text "$dir/out.txt"
+  show "$dir/out.txt"
+}
+
 scenario_d() {
-  echo "== (d) dead rank without mpirun: kill -9 rank 2 of 4 started directly"
-  dir=$work/dead_direct
-  if start_direct "$dir" 4 --distributed-timeout-seconds $timeout_s; then
-    kill -9 "$(cat "$dir/pid.2")"
-    start=$(now)
-    { wait "${waiter[2]}"; } 2>/dev/null  # without bash's "Killed" job notice
-    wait_until 15 ranks_gone "$dir" 0 1 3 || fail "ranks 0, 1, 3 still running 15 s after rank 2 was killed"
-    echo "   ranks 0, 1, 3 gone after $(seconds_since "$start") s"
-    for r in 0 1 3; do
-      wait "${waiter[$r]}"
-      rc=$?
-      ((rc != 0 && rc != 124 && rc != 137)) || fail "rank $r: expected an exit of its own, non-zero, got $rc"
-      grep -q "error: " "$dir/out.$r" || fail "rank $r printed no error line"
-    done
-    grep -q "no heartbeat from rank(s) 2 " "$dir/out.0" || fail "rank 0 (which hosts the store) does not name rank 2"
-    cat "$dir"/out.[0-3] >"$dir/out.txt"
-    wrong_rank_named "$dir/out.txt" 2
-    no_raw_text "$dir/out.txt"
-    show "$dir/out.txt"
-  fi
+  dead_direct 2
+  dead_direct 0  # the store host: its peers' store threads must not die with "terminate called"
 }
 
 # ---- (e) MASTER_PORT belongs to a program that never answers ----------------------------------

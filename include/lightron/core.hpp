@@ -20,7 +20,6 @@
 #include <chrono>
 #include <cctype>  // isdigit
 #include <climits>
-#include <csignal>  // SIGPIPE
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -175,8 +174,8 @@ inline MainState& main_state() {
 }
 
 // Runs a program's body and turns every error into one line on stderr and an exit code: 2 for
-// bad input (UsageError), 1 for anything else. No raw stack traces, no "terminate called"
-// (on_terminate), and no death by SIGPIPE when a peer or the launcher has gone. Who speaks:
+// bad input (UsageError), 1 for anything else. No raw stack traces, and no "terminate called"
+// (on_terminate). Who speaks:
 //   * an error about one rank (a file it cannot write, a collective that failed, a lost
 //     peer) is printed by the rank that met it, whose prefix names it;
 //   * bad input that every rank meets alike (flags, the layout, a checkpoint they all read) is
@@ -187,7 +186,6 @@ inline MainState& main_state() {
 inline int run_main(const std::function<int()>& body) {
   main_state().thread = std::this_thread::get_id();
   std::set_terminate(on_terminate);
-  std::signal(SIGPIPE, SIG_IGN);  // a write to a closed socket or pipe fails with EPIPE instead
   const auto finish = [](int code) { return main_state().exit_code = code; };
   try {
     return finish(body());

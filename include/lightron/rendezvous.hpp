@@ -15,6 +15,7 @@
 
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <csignal>  // SIGPIPE
 #include <thread>
 
 namespace lightron {
@@ -109,6 +110,9 @@ inline c10::intrusive_ptr<c10d::Store> rendezvous(const LaunchEnv& env, const Gr
   static c10::intrusive_ptr<c10d::Store> store;
   if (store) return store;
   watch_launcher();  // from now on, an orphaned rank stops (resilience.hpp)
+  // A write to a socket whose peer is gone (Gloo's, the store's) or to the output pipe of a dead
+  // launcher fails with EPIPE, which is reported, instead of killing the rank without a word.
+  std::signal(SIGPIPE, SIG_IGN);
   const Master master = master_endpoint();
   const std::string& host = master.addr;
   const uint16_t port = master.port;
