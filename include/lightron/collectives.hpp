@@ -74,11 +74,16 @@ inline CommStats& comm_stats() {
   return stats;
 }
 
-// Who is stopped or lost, for failure messages: given how long the failed call waited, one
-// clause ("no heartbeat from rank(s) 3 for 7.2 s: stopped or lost"), or "" when nobody watches.
-// Set by rendezvous.hpp (resilience.hpp reads the heartbeats).
-inline std::function<std::string(double waited)>& describe_lost_ranks() {
-  static std::function<std::string(double)> describe = [](double) { return std::string(); };
+// Who is at fault when a call fails: one clause ("no heartbeat from rank(s) 3 for 7.2 s:
+// stopped or lost"; "" when nobody watches), or word that another rank failed with an error of
+// its own and reports it, so that this rank need not echo it.
+struct LostRanks {
+  std::string text;
+  bool reported_elsewhere = false;
+};
+// Given how long the failed call waited; set by rendezvous.hpp (resilience.hpp reads heartbeats).
+inline std::function<LostRanks(double waited)>& describe_lost_ranks() {
+  static std::function<LostRanks(double)> describe = [](double) { return LostRanks{}; };
   return describe;
 }
 
@@ -101,15 +106,20 @@ inline std::string library_reason(const std::string& what) {
 }
 
 // A collective failed or timed out: say which (its number among this rank's calls of that
-// operation on that group), how long it waited, and who is stopped or lost, on one line; then
-// leave. We _Exit because destroying a process group whose peers are dead can itself hang.
+// operation on that group), how long it waited, and who is stopped or lost, on one line (none
+// when the rank at fault reports its own error); then leave. We _Exit because destroying a
+// process group whose peers are dead can itself hang.
 [[noreturn]] inline void fail_collective(const Group& g, const std::string& op, int64_t call, double waited,
                                          const std::string& why) {
   fault_reporting() = true;
-  const std::string lost = describe_lost_ranks()(waited);
+  const LostRanks lost = describe_lost_ranks()(waited);
+  if (lost.reported_elsewhere) {  // give that rank time to speak: under mpirun our exit ends it
+    std::this_thread::sleep_for(std::chrono::seconds(2));
+    std::_Exit(1);
+  }
   print_error_line(with_prefix(fmt::format("error: {} #{} on the {} group (ranks {}) failed after {:.1f} s ({}){}", op,
                                            call, g.name, fmt::join(g.ranks, ","), waited, library_reason(why),
-                                           lost.empty() ? "" : ": " + lost)));
+                                           lost.text.empty() ? "" : ": " + lost.text)));
   std::_Exit(1);
 }
 

@@ -184,6 +184,7 @@ inline void watch_launcher() {
 struct Verdict {
   bool sure = false;  // false: nobody looks stopped yet; watch a little longer
   std::string text;
+  bool reported_elsewhere = false;  // a rank that met an error of its own says it
 };
 
 // Ranks that are stopped: their counters stand still now (for how long), or stood still for
@@ -225,8 +226,7 @@ inline Verdict judge(PeerWatch& w, int rank, double since) {
     return {true, fmt::format("no heartbeat from rank(s) {} for {:.1f} s{}: stopped or lost{}", fmt::join(stopped, ","),
                               longest, resumed ? " (then resumed)" : "", left)};
   if (!own_error.empty())
-    return {true, fmt::format("rank(s) {} failed with an error of their own (see their messages){}",
-                              fmt::join(own_error, ","), left)};
+    return {true, fmt::format("rank(s) {} failed with an error of their own", fmt::join(own_error, ",")), true};
   if (!w.store_lost.empty())
     return {true, fmt::format("rank 0 (the store host) {}: its store closed the connection ({})",
                               w.failed.at(0) ? "left after its own failure" : "is lost", w.store_lost)};
@@ -253,9 +253,9 @@ inline void announce_failure_and_wait(int kind) {
 }
 
 // describe_lost_ranks for a rank with a heartbeat: watches for up to 3 s until someone looks
-// stopped (a rank that died just now needs kStallSeconds to show), then announces this rank's
-// failure.
-inline std::string describe_from_heartbeats(int rank, double waited) {
+// stopped (a rank that died just now needs kStallSeconds to show) or reports an error of its
+// own, then announces this rank's failure.
+inline LostRanks describe_from_heartbeats(int rank, double waited) {
   PeerWatch& w = peer_watch();
   w.failing = kFailedCall;  // the mark goes out while we watch
   const Timer timer;
@@ -266,7 +266,7 @@ inline std::string describe_from_heartbeats(int rank, double waited) {
     v = judge(w, rank, since);
   }
   announce_failure_and_wait(kFailedCall);
-  return v.text;
+  return {v.text, v.reported_elsewhere};
 }
 
 // rank0_says_it through the store: rank 0 publishes the bad input it reported; another rank
