@@ -23,7 +23,11 @@ lightron_mpi_test(mpi_3d_np8 8 ${T} --test-suite=mpi_3d)
 # right one; the user's OPENBLAS_CORETYPE and --no-blas-fix keep it (skipped without AVX2).
 add_test(NAME blas_fix COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/blas_fix_test.sh ${PROJECT_BINARY_DIR})
 set_tests_properties(blas_fix PROPERTIES SKIP_RETURN_CODE 77)
+# Faults of a distributed run (tests/failure_test.sh: dead, stopped and missing ranks, a silent
+# MASTER_PORT, a dead launcher, a save that fails on one rank): ~2 minutes, ports 32040-32055.
+# Serial: its verdicts rest on heartbeats and timeouts, which a loaded machine would blur.
 add_test(NAME failure COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/failure_test.sh ${PROJECT_BINARY_DIR})
+set_tests_properties(failure PROPERTIES RUN_SERIAL ON TIMEOUT 600)
 # guards.hpp under real ranks: a planted NaN named by its rank, a planted spike skipped alike,
 # SIGTERM/SIGUSR1 save and exit 0 (then resume bit-exactly), failures before step 1.
 add_test(NAME guards COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/guards_test.sh ${PROJECT_BINARY_DIR})

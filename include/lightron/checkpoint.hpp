@@ -8,7 +8,8 @@
 // A save is atomic. The directory is iter_0000010.tmp while ranks write (each file under a
 // temporary name, renamed when complete); after a barrier rank 0 writes the manifest, renames
 // the directory, and writes latest.json last. A crash leaves at worst a *.tmp directory,
-// which loading skips, and says so. Reading it back, under any layout: checkpoint_load.hpp.
+// which loading skips, and says so. A write that fails (a full disk, a path it cannot create)
+// is reported by the rank that met it, with the path. Reading it back: checkpoint_load.hpp.
 // Leaves out: asynchronous saving, ZeRO-sharded optimizer state. Chapter 5.
 #pragma once
 
@@ -21,6 +22,8 @@
 #include <ATen/CPUGeneratorImpl.h>  // getDefaultCPUGenerator
 
 #include <algorithm>  // replace
+#include <cerrno>
+#include <cstring>  // strerror
 
 namespace lightron {
 
@@ -210,16 +213,29 @@ inline void crash_here_if_testing(const std::string& path, const std::string& by
   std::_Exit(3);
 }
 
+// A file operation of the save, whose failure (a full disk, a bad path) run_main prints on this rank.
+template <typename F>
+inline void on_this_rank(const std::string& what, F&& f) {
+  errno = 0;
+  try {
+    f();
+  } catch (const std::exception& e) {  // errno says why a write failed, when the message does not
+    const std::string message = first_line(e.what()), reason = errno != 0 ? std::strerror(errno) : "";
+    throw RuntimeFailure(fmt::format("checkpoint: cannot {}: {}{}", what, message,
+                                     reason.empty() || message.find(reason) != std::string::npos ? "" : " [" + reason + "]"));
+  }
+}
+
 // One checkpoint, collectively over `world`: every rank writes its shards (maybe none), then
 // rank 0 completes `manifest` with the files' sizes and CRC-32s and commits the directory.
+// A rank whose launcher is gone writes nothing and commits nothing (resilience.hpp).
 inline void write_checkpoint(const std::string& dir, int64_t iteration, nlohmann::json manifest,
                              const std::vector<ShardedTensor>& mine, const Group& world, torch::Device device) {
   namespace fs = std::filesystem;
   const std::string final_dir = iteration_dir(dir, iteration), staging = final_dir + ".tmp";
-  if (world.rank == 0) {
-    lightron::remove_tree(staging);
-    fs::create_directories(staging);
-  }
+  stop_if_launcher_gone();
+  if (world.rank == 0)
+    on_this_rank("create " + staging, [&] { lightron::remove_tree(staging), fs::create_directories(staging); });
   barrier(world);
   auto files = torch::zeros({world.size, 2}, torch::kLong);  // (bytes, CRC-32) per rank; 0 bytes: no file
   if (!mine.empty()) {
@@ -228,7 +244,7 @@ inline void write_checkpoint(const std::string& dir, int64_t iteration, nlohmann
     for (const auto& s : mine) tensors.emplace_back(s.name, s.local), metadata[s.name] = shard_metadata(s).dump();
     const std::string bytes = safetensors_bytes(tensors, metadata), path = staging + "/" + rank_file_name(world.rank);
     crash_here_if_testing(path, bytes, world.rank);
-    write_file_atomically(path, bytes);
+    on_this_rank("write this rank's shard", [&] { write_file_atomically(path, bytes); });
     files[world.rank][0] = int64_t(bytes.size());
     files[world.rank][1] = int64_t(crc32(bytes.data(), bytes.size()));
   }
@@ -241,11 +257,14 @@ inline void write_checkpoint(const std::string& dir, int64_t iteration, nlohmann
     for (int64_t r = 0; r < world.size; ++r)
       if (files[r][0].item<int64_t>() > 0)
         manifest["files"][rank_file_name(r)] = {{"bytes", files[r][0].item<int64_t>()}, {"crc32", files[r][1].item<int64_t>()}};
-    write_file_atomically(staging + "/manifest.json", manifest.dump(2) + "\n");
-    lightron::remove_tree(final_dir);  // an older save of the same iteration, if any
-    fs::rename(staging, final_dir);
-    const nlohmann::json latest = {{"iteration", iteration}, {"directory", fs::path(final_dir).filename().string()}};
-    write_file_atomically(dir + "/latest.json", latest.dump(2) + "\n");  // the commit
+    stop_if_launcher_gone();  // the last moment before the commit
+    on_this_rank("commit " + final_dir, [&] {
+      write_file_atomically(staging + "/manifest.json", manifest.dump(2) + "\n");
+      lightron::remove_tree(final_dir);  // an older save of the same iteration, if any
+      fs::rename(staging, final_dir);
+      const nlohmann::json latest = {{"iteration", iteration}, {"directory", fs::path(final_dir).filename().string()}};
+      write_file_atomically(dir + "/latest.json", latest.dump(2) + "\n");  // the commit
+    });
   }
   barrier(world);
 }

@@ -4,8 +4,9 @@
 //     plot against the analytical formulas;
 //   * gives portable versions of what Gloo in LibTorch 1.13 lacks (AVG = SUM then divide;
 //     reduce-scatter from all-to-all; all-gather into one tensor from the list form);
-//   * turns a failed or timed-out call into one line naming the group, the operation and
-//     the ranks that stopped answering, and ends the process (exit 1) instead of hanging.
+//   * turns a failed or timed-out call into one line naming the group, the operation and its
+//     number ("all_reduce #37 on the dp group"), and the ranks that are stopped or lost
+//     (resilience.hpp), and ends the process (exit 1) instead of hanging.
 // The LibTorch 1.13 / 2.x differences live in compat.hpp.
 // Introduced in chapter 1 (with process_groups.hpp, which builds the groups).
 #pragma once
@@ -73,20 +74,52 @@ inline CommStats& comm_stats() {
   return stats;
 }
 
-// Who is still alive, for failure messages; set by process_groups.hpp (reads heartbeats).
-inline std::function<std::string()>& describe_lost_ranks() {
-  static std::function<std::string()> describe = [] { return std::string(); };
+// Who is at fault when a call fails: one clause ("no heartbeat from rank(s) 3 for 7.2 s:
+// stopped or lost"; "" when nobody watches), or word that another rank failed with an error of
+// its own and reports it, so that this rank need not echo it.
+struct LostRanks {
+  std::string text;
+  bool reported_elsewhere = false;
+};
+// Given how long the failed call waited; set by rendezvous.hpp (resilience.hpp reads heartbeats).
+inline std::function<LostRanks(double waited)>& describe_lost_ranks() {
+  static std::function<LostRanks(double)> describe = [](double) { return LostRanks{}; };
   return describe;
 }
 
-// A collective failed or timed out: say which, and who is gone, on one line; then leave.
-// We _Exit because destroying a process group whose peers are dead can itself hang.
-[[noreturn]] inline void fail_collective(const Group& g, const std::string& op, const std::string& why) {
-  const std::string lost = describe_lost_ranks()();
-  fmt::print(stderr, "{}\n", with_prefix(fmt::format("error: {} on the {} group (ranks {}) failed: {}{}", op, g.name,
-                                                     fmt::join(g.ranks, ","), first_line(why),
-                                                     lost.empty() ? "" : "; " + lost)));
-  std::fflush(stderr);
+// This rank's calls per (group, operation), counted when launched: the "#37" of a failure
+// message, the same number on every member of a group for its collectives.
+inline int64_t next_call_number(const std::string& group, const std::string& op) {
+  static std::map<std::pair<std::string, std::string>, int64_t> calls;
+  static std::mutex mutex;
+  std::lock_guard<std::mutex> lock(mutex);
+  return ++calls[{group, op}];
+}
+
+// A library's error without its source location, e.g. Gloo's "[../gloo/transport/tcp/pair.cc:
+// 598] Connection closed by peer" -> "Connection closed by peer".
+inline std::string library_reason(const std::string& what) {
+  std::string line = first_line(what);
+  const size_t end = line.find("] ");
+  if (!line.empty() && line[0] == '[' && end != std::string::npos) line = line.substr(end + 2);
+  return line;
+}
+
+// A collective failed or timed out: say which (its number among this rank's calls of that
+// operation on that group), how long it waited, and who is stopped or lost, on one line (none
+// when the rank at fault reports its own error); then leave. We _Exit because destroying a
+// process group whose peers are dead can itself hang.
+[[noreturn]] inline void fail_collective(const Group& g, const std::string& op, int64_t call, double waited,
+                                         const std::string& why) {
+  fault_reporting() = true;
+  const LostRanks lost = describe_lost_ranks()(waited);
+  if (lost.reported_elsewhere) {  // give that rank time to speak: under mpirun our exit ends it
+    std::this_thread::sleep_for(std::chrono::seconds(2));
+    std::_Exit(1);
+  }
+  print_error_line(with_prefix(fmt::format("error: {} #{} on the {} group (ranks {}) failed after {:.1f} s ({}){}", op,
+                                           call, g.name, fmt::join(g.ranks, ","), waited, library_reason(why),
+                                           lost.text.empty() ? "" : ": " + lost.text)));
   std::_Exit(1);
 }
 
@@ -94,6 +127,7 @@ inline std::function<std::string()>& describe_lost_ranks() {
 struct Pending {
   Group group;  // a copy (a name, the members and a shared backend): nothing to dangle
   std::string op;
+  int64_t call = 0;  // next_call_number
   c10::intrusive_ptr<c10d::Work> work;
   int64_t bytes = 0;
   Timer timer;
@@ -103,7 +137,7 @@ struct Pending {
     try {
       work->wait();
     } catch (const std::exception& e) {
-      fail_collective(group, op, e.what());
+      fail_collective(group, op, call, timer.seconds(), e.what());
     }
     work.reset();
     comm_stats().add(group.name, op, bytes, timer.seconds());
@@ -116,11 +150,12 @@ inline Pending launch(const Group& g, const std::string& op, int64_t bytes, Laun
   Pending p;
   p.group = g;
   p.op = op;
+  p.call = next_call_number(g.name, op);
   p.bytes = bytes;
   try {
     p.work = start();
   } catch (const std::exception& e) {
-    fail_collective(g, op, e.what());
+    fail_collective(g, op, p.call, p.timer.seconds(), e.what());
   }
   return p;
 }

@@ -16,12 +16,15 @@
 #include <malloc.h>  // mallopt
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <cctype>  // isdigit
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
+#include <exception>  // set_terminate
 #include <stdexcept>
 #include <string>
 #include <thread>  // sleep_for
@@ -88,29 +91,125 @@ inline std::string first_line(const std::string& text) {
   return end == std::string::npos ? text : text.substr(0, end);
 }
 
-// Runs a program's body and turns every error into one line on stderr and an exit code:
-// 2 for bad input, 1 for anything else. No raw stack traces reach the user.
-inline int run_main(const std::function<int()>& body) {
-  try {
-    return body();
-  } catch (const UsageError& e) {  // every rank finds the same mistake: rank 0 says it
-    if (global_rank() == 0 || dynamic_cast<const LocalUsageError*>(&e) != nullptr) {
-      fmt::print(stderr, "{}\n", with_prefix(std::string("error: ") + e.what()));
-      std::fflush(stderr);
-    } else {  // mpirun ends every rank when the first one exits: let rank 0 speak first
-      std::this_thread::sleep_for(std::chrono::seconds(2));
+// One line on stderr, after whatever stdout holds. Never throws: on a fault path stderr may be
+// a pipe whose reader (the launcher) is gone.
+inline void print_error_line(const std::string& line) {
+  std::fflush(stdout);
+  std::fputs((line + "\n").c_str(), stderr);
+  std::fflush(stderr);
+}
+
+// "[rank 5 | tp 1 dp 0 pp 1] error: text" once the groups exist; before, "error: rank 5: text"
+// (rank 0, maybe a single process, and a text that names the rank already say "error: text").
+inline std::string rank_error(const std::string& text) {
+  if (!rank_prefix().empty()) return with_prefix("error: " + text);
+  const std::string rank = fmt::format("rank {}", global_rank());
+  const bool named = text.compare(0, rank.size(), rank) == 0 && text.size() > rank.size() &&
+                     !std::isdigit(static_cast<unsigned char>(text[rank.size()]));
+  return global_rank() == 0 || named ? "error: " + text : fmt::format("error: {}: {}", rank, text);
+}
+
+// Whether rank 0 reports the same bad input itself, so that this rank need not; rank 0 calls it
+// after printing, to tell the others. Once the ranks have met, resilience.hpp answers through
+// the store. Before that every rank has read the same command line and environment: rank 0
+// speaks, and the others give it 2 s to do so (mpirun ends every rank when the first exits).
+inline std::function<bool(const std::string&)>& rank0_says_it() {
+  static std::function<bool(const std::string&)> says = [](const std::string&) {
+    if (global_rank() != 0) std::this_thread::sleep_for(std::chrono::seconds(2));
+    return global_rank() != 0;
+  };
+  return says;
+}
+
+// Tells the other ranks that this one fails, before it says why and exits, so that they do not
+// take it for stopped or lost (resilience.hpp marks it in the store; a no-op before the ranks
+// have met).
+inline std::function<void()>& announce_failure() {
+  static std::function<void()> announce = [] {};
+  return announce;
+}
+
+// Set while this rank reports a fault of its own (a failed collective), which ends the process.
+inline std::atomic<bool>& fault_reporting() {
+  static std::atomic<bool> reporting{false};
+  return reporting;
+}
+
+// The state run_main leaves for its terminate handler: which thread runs the program, and the
+// exit code once the program's body has returned (-1 before).
+struct MainState {
+  std::thread::id thread;
+  std::atomic<int> exit_code{-1};
+};
+inline MainState& main_state() {
+  static MainState state;
+  return state;
+}
+
+// An exception escaped a thread that nobody catches in (most often a library's background
+// thread: the store's, when rank 0 is gone). One line instead of the C++ runtime's
+// "terminate called after throwing ...". When this rank is already reporting a fault, or does
+// so within 3 s (its main thread's collective fails too), that report has the word.
+[[noreturn]] inline void on_terminate() noexcept {
+  std::string what = "an unknown exception";
+  if (const auto e = std::current_exception()) {
+    try {
+      std::rethrow_exception(e);
+    } catch (const c10::Error& x) {
+      what = first_line(x.what_without_backtrace());
+    } catch (const std::exception& x) {
+      what = first_line(x.what());
+    } catch (...) {
     }
-    return kUsageExitCode;
+  }
+  if (main_state().exit_code >= 0) std::_Exit(main_state().exit_code);  // the program had finished
+  if (std::this_thread::get_id() != main_state().thread) {
+    for (int i = 0; i < 30 && !fault_reporting(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    while (fault_reporting()) std::this_thread::sleep_for(std::chrono::seconds(1));  // the report exits
+  }
+  const bool connection = what.find("onnection") != std::string::npos || what.find("pipe") != std::string::npos;
+  print_error_line(rank_error(fmt::format("{} in a background thread{}", what,
+                                          connection ? " (a peer, or rank 0 which hosts the store, is gone)" : "")));
+  std::_Exit(1);
+}
+
+// Runs a program's body and turns every error into one line on stderr and an exit code: 2 for
+// bad input (UsageError), 1 for anything else. No raw stack traces, and no "terminate called"
+// (on_terminate). Who speaks:
+//   * an error about one rank (a file it cannot write, a collective that failed, a lost
+//     peer) is printed by the rank that met it, whose prefix names it;
+//   * bad input that every rank meets alike (flags, the layout, a checkpoint they all read) is
+//     printed once, by rank 0. A rank > 0 with a UsageError keeps quiet only when rank 0
+//     reports the very same text (rank0_says_it), so bad input that only rank 3 meets is
+//     still reported, by rank 3 (at once when it is a LocalUsageError);
+//   * an error that another rank reports for the whole job (ReportedElsewhere) is not printed.
+inline int run_main(const std::function<int()>& body) {
+  main_state().thread = std::this_thread::get_id();
+  std::set_terminate(on_terminate);
+  const auto finish = [](int code) { return main_state().exit_code = code; };
+  try {
+    return finish(body());
+  } catch (const UsageError& e) {
+    announce_failure()();
+    const bool local = dynamic_cast<const LocalUsageError*>(&e) != nullptr;
+    if (global_rank() == 0) {
+      print_error_line(with_prefix(std::string("error: ") + e.what()));
+      rank0_says_it()(e.what());
+    } else if (local || !rank0_says_it()(e.what())) {
+      print_error_line(rank_error(e.what()));
+    }
+    return finish(kUsageExitCode);
   } catch (const ReportedElsewhere&) {  // give the rank that reports it time to speak
     std::this_thread::sleep_for(std::chrono::seconds(2));
-    return 1;
+    return finish(1);
   } catch (const c10::Error& e) {
-    fmt::print(stderr, "{}\n", with_prefix("error: " + first_line(e.what_without_backtrace())));
-    return 1;
+    announce_failure()();
+    print_error_line(rank_error(first_line(e.what_without_backtrace())));
   } catch (const std::exception& e) {
-    fmt::print(stderr, "{}\n", with_prefix(std::string("error: ") + first_line(e.what())));
-    return 1;
+    announce_failure()();
+    print_error_line(rank_error(first_line(e.what())));
   }
+  return finish(1);
 }
 
 // Process set-up for training on CPU: an explicit thread count (OpenMP may report 1 on a VM)

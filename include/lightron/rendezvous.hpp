@@ -3,18 +3,19 @@
 // MPICH/Hydra, Slurm, torchrun; a plain process is a world of 1 — lightron never links MPI,
 // mpirun only starts the processes), where the master is (MASTER_ADDR:MASTER_PORT; under
 // Slurm the allocation's first host by default), and a c10d TCPStore rendezvous there that
-// names the ranks that never arrived and bounds every wait.
+// names the ranks that never arrived and bounds every wait; then each rank's watch threads
+// (heartbeats, its launcher: resilience.hpp).
 // process_groups.hpp builds the rank grid and its communicators on the store.
 // Leaves out: elastic membership changes. Introduced in tutorial chapter 1.
 #pragma once
 
 #include "collectives.hpp"
 #include "network.hpp"     // this host's address towards the master; Slurm node lists
-#include "resilience.hpp"  // heartbeats: who is lost when a collective fails
+#include "resilience.hpp"  // Watchdog; heartbeats and the launcher watch
 
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
-#include <atomic>
+#include <csignal>  // SIGPIPE
 #include <thread>
 
 namespace lightron {
@@ -102,34 +103,16 @@ struct GroupOptions {
   bool cuda = false;                         // NCCL for CUDA tensors, Gloo otherwise
 };
 
-// Ends the process with `message` unless disarmed within `limit`: for waits that c10d does
-// not bound itself.
-struct Watchdog {
-  std::atomic<bool> disarmed{false};
-  std::thread thread;
-  Watchdog(std::chrono::milliseconds limit, std::string message) {
-    thread = std::thread([this, limit, message] {
-      const Timer timer;
-      while (!disarmed && timer.seconds() * 1000 < double(limit.count()))
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
-      if (disarmed) return;
-      fmt::print(stderr, "error: {}\n", message);
-      std::fflush(stderr);
-      std::_Exit(1);
-    });
-  }
-  ~Watchdog() {
-    disarmed = true;
-    thread.join();
-  }
-};
-
 // The launcher's ranks meet at MASTER_ADDR:MASTER_PORT; rank 0 hosts the TCPStore (unless
 // torchrun's agent already does). Waits for everybody and names whoever never arrived.
 // Done once per process; later calls return the same store.
 inline c10::intrusive_ptr<c10d::Store> rendezvous(const LaunchEnv& env, const GroupOptions& opt) {
   static c10::intrusive_ptr<c10d::Store> store;
   if (store) return store;
+  watch_launcher();  // from now on, an orphaned rank stops (resilience.hpp)
+  // A write to a socket whose peer is gone (Gloo's, the store's) or to the output pipe of a dead
+  // launcher fails with EPIPE, which is reported, instead of killing the rank without a word.
+  std::signal(SIGPIPE, SIG_IGN);
   const Master master = master_endpoint();
   const std::string& host = master.addr;
   const uint16_t port = master.port;
@@ -148,14 +131,15 @@ inline c10::intrusive_ptr<c10d::Store> rendezvous(const LaunchEnv& env, const Gr
                                   port, host));
   };
   if (o.isServer && !port_is_free(port)) throw port_taken();
-  // A client whose MASTER_PORT belongs to another program (another job) is accepted by it and
-  // then waits for an answer with no time limit. The arrival loop's deadline counts from here
-  // too, so that it gives up (naming who is missing) before the watchdog.
+  // A client whose MASTER_PORT belongs to another program (another job), or whose rank 0 is
+  // stopped, is accepted by the kernel and then waits for an answer with no time limit. The
+  // arrival loop's deadline counts from here too, so that it gives up (naming who is missing)
+  // before the watchdog.
   const Timer waited;
-  const Watchdog watchdog(opt.timeout + std::chrono::seconds(5),
+  const Watchdog watchdog(opt.timeout + std::chrono::seconds(1),
                           fmt::format("rank {}: no answer from the rendezvous store at {}:{} within {} s: is rank 0 "
                                       "running, and is MASTER_PORT {} its store's (not another program's)?",
-                                      env.rank, host, port, opt.timeout.count() / 1000 + 5, port));
+                                      env.rank, host, port, opt.timeout.count() / 1000 + 1, port));
   try {
     store = c10::make_intrusive<c10d::TCPStore>(host, o);
   } catch (const std::exception& e) {
@@ -181,6 +165,9 @@ inline c10::intrusive_ptr<c10d::Store> rendezvous(const LaunchEnv& env, const Gr
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   start_heartbeat(env.rank, env.world_size, host, port);
+  describe_lost_ranks() = [rank = env.rank](double waited) { return describe_from_heartbeats(rank, waited); };
+  announce_failure() = [] { announce_failure_and_wait(kFailedOwnError); };
+  share_bad_input_through(store);
   return store;
 }
 
