@@ -167,6 +167,7 @@ int main(int argc, char** argv) {
     }
     int64_t saved_at = first_iteration - 1;  // the last iteration on disk: no second save of it
     check_before_training(a, data, trainer, groups->world);
+    comm_stats().reset();  // --comm-file counts each iteration's calls, not the set-up's
 
     MetricsLog metrics(a.metrics_file, a.tensorboard_dir);
     RankFile timeline(a.layout.pp > 1 ? a.timeline_file : "", "--timeline-file", groups->rank);
