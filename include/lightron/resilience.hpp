@@ -12,8 +12,8 @@
 //   * this process's own pauses, which explain why its peers gave up on it;
 //   * bad input that only some ranks meet: rank 0 tells the others through the store what it
 //     reported (core.hpp, rank0_says_it).
-// Leaves out: restarting without the lost rank (elastic training); heartbeats for more than a
-// few hundred ranks (each rank reads every counter: N^2 small reads per half second).
+// Leaves out: elastic restarts without the lost rank; more than a few hundred ranks (each rank
+// reads every counter: N^2 small reads per half second).
 // Introduced in chapter 1.
 #pragma once
 
@@ -50,10 +50,7 @@ struct Watchdog {
       std::_Exit(1);
     });
   }
-  ~Watchdog() {
-    disarmed = true;
-    thread.join();
-  }
+  ~Watchdog() { disarmed = true, thread.join(); }
 };
 
 // What this rank's watch threads have seen. Times are seconds on `clock`. Never destroyed:
@@ -65,10 +62,9 @@ struct PeerWatch {
   std::vector<double> moved_at;                  // when each counter was first seen at that value
   std::vector<double> stall_from, stall_to;      // each rank's latest stall of kStallSeconds or more
   std::vector<int64_t> failed;                   // per rank: 0, kFailedCall or kFailedOwnError
-  double read_at = 0;                            // end of the last round of reads; 0: none yet
+  double read_at = 0, ticked_at = 0;             // the last round of reads (0: none); the launcher watch's tick
   std::string store_lost;                        // why the store connection broke, once it did
   double paused_from = 0, paused_to = 0;         // this process's latest pause (SIGSTOP)
-  double ticked_at = 0;                          // the launcher watch's last tick
   std::atomic<int> failing{0};                   // this rank reports a failure of this kind
   std::atomic<bool> marked{false};               // and the store knows
 };
@@ -252,10 +248,10 @@ inline void announce_failure_and_wait(int kind) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
 }
 
-// describe_lost_ranks for a rank with a heartbeat: watches for up to 3 s until someone looks
-// stopped (a rank that died just now needs kStallSeconds to show) or reports an error of its
-// own, then announces this rank's failure.
+// describe_lost_ranks for a rank with a heartbeat (or: its launcher is gone): watches up to 3 s
+// until someone looks stopped (a rank dead just now needs kStallSeconds) or reports an error.
 inline LostRanks describe_from_heartbeats(int rank, double waited) {
+  stop_if_launcher_gone();  // the root cause, when the launcher took the others with it
   PeerWatch& w = peer_watch();
   w.failing = kFailedCall;  // the mark goes out while we watch
   const Timer timer;
@@ -263,6 +259,7 @@ inline LostRanks describe_from_heartbeats(int rank, double waited) {
   Verdict v = judge(w, rank, since);
   while (!v.sure && timer.seconds() < 3.0) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    stop_if_launcher_gone();
     v = judge(w, rank, since);
   }
   announce_failure_and_wait(kFailedCall);
