@@ -96,7 +96,7 @@ void check_before_training(const Arguments& a, const Datasets& data, const Train
     failure = fmt::format("--sample-tokens {}: {}", a.sample_tokens, e.what());
   }
   int64_t bytes = 0;  // this rank's share of a checkpoint: weights and both AdamW moments
-  for (const auto& s : trainer.optimizer->slots) bytes += nbytes(s.param) + nbytes(s.exp_avg) + nbytes(s.exp_avg_sq);
+  for (const auto& p : trainer.params) bytes += 3 * nbytes(p);  // (under ZeRO too: the state is saved whole)
   auto total = torch::tensor({bytes}, torch::kLong);
   all_reduce(world, total);
   if (failure.empty() && !a.save.empty()) failure = writable_with_room(a.save, "--save", total.item<int64_t>());

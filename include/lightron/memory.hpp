@@ -6,6 +6,7 @@
 // the micro-batches a schedule holds in flight (chunks_in_flight). Chapter 3.
 #pragma once
 
+#include "data_parallel.hpp"      // plan_buckets: ZeRO's padding
 #include "pipeline_schedule.hpp"  // chunks_in_flight
 #include "tp_model.hpp"
 
@@ -45,21 +46,47 @@ struct MemoryEstimate {
   int64_t activation_bytes = 0;  // estimate
 };
 
-// Memory of the rank at `coords` of `layout` (fp32 parameters, gradients and two AdamW moments).
+// Under ZeRO (zero.hpp), the elements of this rank's gradient buckets, each padded to a
+// multiple of dp (Ψ' >= Ψ): the trainer's own bucket plan, rebuilt from the shapes.
+inline int64_t zero_padded_elements(const std::vector<std::pair<std::string, int64_t>>& held, int64_t dp,
+                                    int64_t bucket_elements, const std::string& alone) {
+  std::vector<int64_t> numels;
+  std::vector<bool> by_itself;
+  for (const auto& [name, numel] : held) numels.push_back(numel), by_itself.push_back(name == alone);
+  int64_t padded = 0;
+  for (const auto& bucket : plan_buckets(numels, bucket_elements, by_itself)) {
+    int64_t elements = 0;
+    for (size_t k : bucket) elements += numels[k];
+    padded += (elements + dp - 1) / dp * dp;
+  }
+  return padded;
+}
+
+// Memory of the rank at `coords` of `layout` (fp32 parameters, gradients and two AdamW
+// moments; under ZeRO stage 1 or 2 the moments, and at 2 the gradients, divided by dp).
 inline MemoryEstimate estimate_memory(const GPTConfig& c, const Layout& layout, const Coords& coords,
                                       int64_t micro_batch, int64_t micro_batches, int64_t layers_per_virtual_stage,
-                                      const std::string& schedule, bool sequence_parallel) {
+                                      const std::string& schedule, bool sequence_parallel, int zero_stage = 0,
+                                      int64_t bucket_elements = 40000000) {
   const int64_t p = layout.pp, tp = layout.tp, v = virtual_stages(c.num_layers, p, layers_per_virtual_stage);
   const bool last = coords.pp == p - 1;
   MemoryEstimate m;
+  std::vector<std::pair<std::string, int64_t>> held;
   for (const auto& [name, shape] : parameter_shapes(c)) {
     if (!pp_rank_holds_parameter(name, c.num_layers, p, v, coords.pp, c.tied())) continue;
     int64_t numel = 1;
     for (int64_t d : shape) numel *= d;
-    m.parameters += tp_shard_spec(name, c).dim >= 0 ? numel / tp : numel;
+    held.emplace_back(name, tp_shard_spec(name, c).dim >= 0 ? numel / tp : numel);
+    m.parameters += held.back().second;
   }
   m.parameter_bytes = m.gradient_bytes = 4 * m.parameters;
   m.optimizer_bytes = 2 * 4 * m.parameters;
+  if (zero_stage > 0 && layout.dp > 1) {  // [snippet: zero_memory]
+    const bool tied_here = c.tied() && p > 1 && (coords.pp == 0 || last);  // its own bucket
+    const int64_t padded = zero_padded_elements(held, layout.dp, bucket_elements, tied_here ? "wte.weight" : "");
+    m.gradient_bytes = zero_stage == 1 ? 4 * padded : 4 * padded / layout.dp;  // Ψ' = Σ buckets padded to dp
+    m.optimizer_bytes = 2 * 4 * padded / layout.dp;
+  }  // [end snippet: zero_memory]
   // Kept for backward per layer and micro-batch (fp32 elements): about 10 activations of
   // B·T·C (norms, residuals, projections; split by tp under sequence parallel), q, k, v
   // and the MLP's input/output (split by tp), and two (B, H/tp, T, T) attention matrices.

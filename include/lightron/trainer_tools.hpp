@@ -69,14 +69,24 @@ inline std::map<std::string, torch::Tensor> full_parameters(Trainer& trainer) {
   return out;
 }
 
-// Sharded checkpoints (checkpoint.hpp); load_checkpoint accepts any saving layout.
+// Sharded checkpoints (checkpoint.hpp); load_checkpoint accepts any saving layout. Under ZeRO
+// the AdamW state is gathered whole over dp for saving and sliced again after loading, so the
+// files are those of plain data parallelism.
 inline void save_checkpoint(const std::string& dir, CheckpointCounters counters, Trainer& trainer) {
-  save_checkpoint(dir, counters, checkpoint_model(trainer.model->config, trainer.stage.num_virtual), trainer.train_config(), *trainer.optimizer,
-                  trainer.groups());
+  const auto model = checkpoint_model(trainer.model->config, trainer.stage.num_virtual);
+  if (!trainer.distributed)
+    return save_checkpoint(dir, counters, model, trainer.train_config(), *trainer.optimizer, trainer.groups());
+  const AdamW whole = trainer.distributed->consolidated(trainer.named_params, trainer.train_config());
+  save_checkpoint(dir, counters, model, trainer.train_config(), whole, trainer.groups());
 }
 inline CheckpointCounters load_checkpoint(const std::string& dir, Trainer& trainer, const LoadOptions& options = {}) {
-  return load_checkpoint(dir, options, checkpoint_model(trainer.model->config, trainer.stage.num_virtual), trainer.train_config(),
-                         *trainer.optimizer, trainer.groups());
+  const auto model = checkpoint_model(trainer.model->config, trainer.stage.num_virtual);
+  if (!trainer.distributed)
+    return load_checkpoint(dir, options, model, trainer.train_config(), *trainer.optimizer, trainer.groups());
+  AdamW whole(trainer.named_params, trainer.train_config());  // loads the weights in place, and the moments whole
+  const auto counters = load_checkpoint(dir, options, model, trainer.train_config(), whole, trainer.groups());
+  trainer.distributed->load_consolidated(whole);
+  return counters;
 }
 
 }  // namespace lightron
