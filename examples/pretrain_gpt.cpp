@@ -183,8 +183,10 @@ int main(int argc, char** argv) {
       if (timeline.file) fmt::print(timeline.file, "{}", trainer.engine->timeline_json(it));
       if (comm.file) fmt::print(comm.file, "{}\n", comm_stats().json(it));
       comm_stats().reset();
-      if (a.check_weight_hash_interval > 0 && it % a.check_weight_hash_interval == 0)
+      if (a.check_weight_hash_interval > 0 && it % a.check_weight_hash_interval == 0) {
+        const auto weights = trainer.whole_weights();  // ZeRO-3: gathered to be hashed
         check_replicas(trainer.params, groups->dp, it);
+      }
       if (it % a.train.log_interval == 0 || it == a.train.train_iters) {
         const int64_t iters = it % a.train.log_interval == 0 ? a.train.log_interval : it % a.train.log_interval;
         StepMetrics m;

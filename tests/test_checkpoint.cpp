@@ -134,16 +134,16 @@ ParallelOptions zero(const std::string& strategy) {
   return o;
 }
 
-// ZeRO-2 at dp 4 -> tp 2 x pp 2 without sharding -> ZeRO-1 at dp 2 (ranks 0-1): every checkpoint
+// ZeRO-3 at dp 4 -> tp 2 x pp 2 without sharding -> ZeRO-1 at dp 2 (ranks 0-1): every checkpoint
 // consolidates to the same tensors, bit for bit (the AdamW moments gathered from the slices
 // included), and each layout's next loss agrees.
 void reshard_zero_chain() {
   auto g = init_process_groups(Layout().with_dp(4));
   const auto c = tiny_config(GPTConfig::gpt2(), /*layers=*/4);
   const auto t = tiny_train(8, 1);
-  const std::string dir = fresh_dir("zero2_dp4", g->world), mid = fresh_dir("zero_tp2pp2", g->world),
+  const std::string dir = fresh_dir("zero3_dp4", g->world), mid = fresh_dir("zero_tp2pp2", g->world),
                     last = fresh_dir("zero1_dp2", g->world);
-  Run src(c, t, *g, zero("optim_grads"));
+  Run src(c, t, *g, zero("optim_grads_params"));
   for (int i = 0; i < 5; ++i) src.step();
   src.save(dir);
   const double next = src.step();
@@ -153,7 +153,7 @@ void reshard_zero_chain() {
     Run dst(c, t, *mid_groups);
     dst.load(dir);
     dst.save(mid);
-    CHECK_MESSAGE(close_loss(dst.step(), next), "tp 2 x pp 2 after ZeRO-2 dp 4");
+    CHECK_MESSAGE(close_loss(dst.step(), next), "tp 2 x pp 2 after ZeRO-3 dp 4");
   }
   barrier(g->world);
   if (g->rank < 2) {
@@ -465,11 +465,12 @@ TEST_SUITE("mpi_ckpt_np8") {
 }
 
 TEST_SUITE("mpi_ckpt_np4") {
-  TEST_CASE("ckpt resume in one process is bit-exact under ZeRO-2 (optim_grads) and ZeRO-1, dp 4") {
-    resume_bit_exact(GPTConfig::gpt2(), "resume_zero2_dp4", Layout().with_dp(4), zero("optim_grads"));
-    resume_bit_exact(GPTConfig::llama(), "resume_zero1_dp4", Layout().with_dp(4), zero("optim"));
+  TEST_CASE("ckpt resume in one process is bit-exact under ZeRO-3, ZeRO-2 and ZeRO-1, dp 4") {
+    resume_bit_exact(GPTConfig::gpt2(), "resume_zero3_dp4", Layout().with_dp(4), zero("optim_grads_params"));
+    resume_bit_exact(GPTConfig::llama(), "resume_zero2_dp4", Layout().with_dp(4), zero("optim_grads"));
+    resume_bit_exact(GPTConfig::gpt2(), "resume_zero1_dp4", Layout().with_dp(4), zero("optim"));
   }
-  TEST_CASE("ckpt reshard: ZeRO-2 dp 4 -> tp 2 x pp 2 -> ZeRO-1 dp 2, consolidated tensors bitwise equal") {
+  TEST_CASE("ckpt reshard: ZeRO-3 dp 4 -> tp 2 x pp 2 -> ZeRO-1 dp 2, consolidated tensors bitwise equal") {
     reshard_zero_chain();
   }
   TEST_CASE("ckpt reshard: 1x2x2 -> 2x1x1 -> 1x2x2, GPT-2") {

@@ -1,4 +1,4 @@
-// Chapter 6, ZeRO (zero.hpp) under a real mpirun: the sharding strategies reproduce plain
+// Chapter 7, ZeRO (zero.hpp) under a real mpirun: the sharding strategies reproduce plain
 // data parallelism; each rank holds exactly the bytes of the formulas (measured from its
 // tensors, equal to --dry-run's planner); the communication is one reduce-scatter and one
 // all-gather of the padded parameters per step; the reduce-scatters start during backward.
@@ -40,10 +40,11 @@ Held held_by(const Trainer& trainer) {
   Held h;
   std::set<const void*> seen;
   for (const auto& p : trainer.params) {
-    h.parameters += nbytes(p);
+    h.parameters += int64_t(p.storage().nbytes());  // 0 for a weight ZeRO-3 has freed
     if (p.grad().defined() && seen.insert(p.grad().storage().data()).second) h.gradients += p.grad().storage().nbytes();
   }
   if (trainer.distributed) {
+    h.parameters += trainer.distributed->weight_shard_bytes();
     h.gradients += trainer.distributed->gradient_shard_bytes();
     h.optimizer = trainer.distributed->optimizer_bytes();
   } else {
@@ -56,7 +57,7 @@ Held held_by(const Trainer& trainer) {
 // padded elements (each bucket rounded up to a multiple of dp: fewer than dp per bucket).
 void memory_is_the_formula(const std::string& strategy, const Layout& layout) {
   auto g = init_process_groups(layout);
-  const auto c = tiny_config(GPTConfig::gpt2(), /*layers=*/2 * layout.pp);
+  const auto c = tiny_config(GPTConfig::gpt2(), /*layers=*/2 * layout.pp);  // tp 2: 4 heads split
   const auto t = tiny_train(8, 1);
   const auto o = sharded(strategy);
   Trainer trainer(c, t, o, *g);
@@ -71,7 +72,7 @@ void memory_is_the_formula(const std::string& strategy, const Layout& layout) {
   const int64_t psi = plan.parameters, d = layout.dp, padded = trainer.distributed->shard_elements() * d;
   CHECK(padded - psi >= 0);
   CHECK(padded - psi < d * int64_t(trainer.distributed->num_buckets()));
-  CHECK(plan.parameter_bytes == 4 * psi);
+  CHECK(plan.parameter_bytes == (stage == 3 ? 4 * padded / d : 4 * psi));
   CHECK(plan.optimizer_bytes == 8 * padded / d);
   CHECK(plan.gradient_bytes == (stage == 1 ? 4 * padded : 4 * padded / d));
   MESSAGE(fmt::format("{} at {}: Ψ {} (padded {}), bytes: weights {} grads {} adam {} (plain dp: {} {} {})", strategy,
@@ -95,16 +96,24 @@ void communication_is_the_formula(const std::string& strategy) {
   int64_t psi = 0;
   for (const auto& p : trainer.params) psi += p.numel();
   const auto rs = comm_stats().get("dp", "reduce_scatter"), ag = comm_stats().get("dp", "all_gather");
-  CHECK(rs.calls == int64_t(trainer.distributed->num_buckets()));
+  const int64_t buckets = int64_t(trainer.distributed->num_buckets());
+  CHECK(rs.calls == buckets);
   CHECK(rs.bytes == 4 * padded);
-  CHECK(ag.calls == int64_t(trainer.distributed->num_buckets()));
-  CHECK(ag.bytes == 4 * padded / d);
+  // ZeRO-3 gathers each block again for its backward (the root stays whole through it).
+  int64_t again = 0, again_calls = 0;
+  if (zero_stage(strategy) == 3)
+    for (const auto& b : trainer.distributed->weight_buckets())
+      if (b.unit != kRootUnit) again += nbytes(b.slice), ++again_calls;
+  CHECK(ag.calls == buckets + again_calls);
+  CHECK(ag.bytes == 4 * padded / d + again);
   const double wire = double(d - 1) / double(d) * double(rs.bytes) + double(d - 1) * double(ag.bytes);
   const double ring_all_reduce = 2.0 * double(d - 1) / double(d) * 4.0 * double(psi);
-  CHECK(std::abs(wire - ring_all_reduce) <= 0.01 * ring_all_reduce);
+  const double formula = ring_all_reduce + (zero_stage(strategy) == 3 ? double(d - 1) * double(again) : 0.0);
+  CHECK(std::abs(wire - formula) <= 0.01 * formula);
   CHECK(comm_stats().get("dp", "all_reduce").bytes == 8 + 8);  // the loss and the norm's Σg², nothing else
-  MESSAGE(fmt::format("{} dp {}: reduce-scatter {} B, all-gather {} B; on the wire {:.0f} B vs a ring all-reduce "
-                      "{:.0f} B", strategy, d, rs.bytes, ag.bytes, wire, ring_all_reduce));
+  MESSAGE(fmt::format("{} dp {}: reduce-scatter {} B, all-gather {} B; on the wire {:.0f} B = {:.2f} x a ring "
+                      "all-reduce of the gradients ({:.0f} B)", strategy, d, rs.bytes, ag.bytes, wire,
+                      wire / ring_all_reduce, ring_all_reduce));
 }
 
 // ZeRO-2: a bucket's reduce-scatter is launched while backward still runs, and afterwards no
@@ -134,6 +143,39 @@ void reduce_scatter_overlaps_backward() {
   for (const auto& p : trainer.params) CHECK_FALSE(p.grad().defined());
 }
 
+// ZeRO-3: between steps no whole weight exists; sampling-style forwards without gradients
+// gather and free as they go; a WholeWeights scope holds them all and lets go.
+void weights_are_freed() {
+  auto g = init_process_groups(Layout().with_dp(launch_env().world_size));
+  const auto c = tiny_config(GPTConfig::gpt2());
+  const auto t = tiny_train(8, 1);
+  Trainer trainer(c, t, sharded("optim_grads_params"), *g);
+  CHECK(trainer.sharded_weights->gathered_bytes() == 0);
+  trainer.step(one_global_batch(c, t, *g), 1);
+  CHECK(trainer.sharded_weights->gathered_bytes() == 0);
+  const auto batch = one_global_batch(c, t, *g).at(0);
+  const double eval = trainer.evaluate({batch});
+  CHECK(std::isfinite(eval));
+  CHECK(trainer.sharded_weights->gathered_bytes() == 0);
+  {
+    const auto whole = trainer.whole_weights();
+    int64_t all = 0;
+    for (const auto& p : trainer.params) all += nbytes(p);
+    CHECK(trainer.sharded_weights->gathered_bytes() == all);
+  }
+  CHECK(trainer.sharded_weights->gathered_bytes() == 0);
+}
+
+// ZeRO-3 composed with tensor parallelism (tp 2 x dp 2), against one device.
+void zero3_with_tp(const GPTConfig& flavour) {
+  auto g = init_process_groups(Layout().with_tp(2).with_dp(2));
+  const auto c = tiny_config(flavour);
+  const auto t = tiny_train(8, 1);
+  auto o = sharded("optim_grads_params");
+  o.sequence_parallel = true;
+  check_parity(run_reference(c, t), run_training(c, t, o, *g));
+}
+
 void zero_3d_parity(const GPTConfig& flavour, const std::string& strategy) {
   auto g = init_process_groups(Layout().with_tp(2).with_dp(2).with_pp(2));
   const auto c = tiny_config(flavour, /*layers=*/4);
@@ -153,20 +195,34 @@ TEST_SUITE("mpi_zero") {
   TEST_CASE("zero parity: ZeRO-2 (optim_grads) reproduces data parallelism, GPT-2, with accumulation") {
     zero_vs_data_parallel(tiny_config(GPTConfig::gpt2()), "optim_grads", 1);
   }
-  TEST_CASE("zero parity: ZeRO-1 and ZeRO-2, Llama, one micro-batch per rank") {
-    zero_vs_data_parallel(tiny_config(GPTConfig::llama()), "optim", 8 / launch_env().world_size);
-    zero_vs_data_parallel(tiny_config(GPTConfig::llama()), "optim_grads", 8 / launch_env().world_size);
+  TEST_CASE("zero parity: ZeRO-3 (optim_grads_params) reproduces data parallelism, GPT-2, with accumulation") {
+    zero_vs_data_parallel(tiny_config(GPTConfig::gpt2()), "optim_grads_params", 1);
+  }
+  TEST_CASE("zero parity: ZeRO-1, 2 and 3, Llama, one micro-batch per rank") {
+    for (const char* s : {"optim", "optim_grads", "optim_grads_params"})
+      zero_vs_data_parallel(tiny_config(GPTConfig::llama()), s, 8 / launch_env().world_size);
   }
   TEST_CASE("zero memory: each rank holds exactly the planner's bytes, which are the formulas") {
-    memory_is_the_formula("optim", Layout().with_dp(launch_env().world_size));
-    memory_is_the_formula("optim_grads", Layout().with_dp(launch_env().world_size));
+    for (const char* s : {"optim", "optim_grads", "optim_grads_params"})
+      memory_is_the_formula(s, Layout().with_dp(launch_env().world_size));
   }
-  TEST_CASE("zero communication: a reduce-scatter and an all-gather, the volume of one all-reduce") {
-    communication_is_the_formula("optim");
-    communication_is_the_formula("optim_grads");
+  TEST_CASE("zero communication: a reduce-scatter and an all-gather, the volume of one all-reduce (ZeRO-3: and one "
+            "more gather of the blocks)") {
+    for (const char* s : {"optim", "optim_grads", "optim_grads_params"}) communication_is_the_formula(s);
+  }
+  TEST_CASE("zero 3: no whole weight between steps; evaluation gathers and frees; WholeWeights holds them") {
+    weights_are_freed();
   }
   TEST_CASE("zero overlap: ZeRO-2's reduce-scatters start during backward; no full gradient is kept") {
     reduce_scatter_overlaps_backward();
+  }
+}
+
+TEST_SUITE("mpi_zero_tp") {
+  TEST_CASE("zero 3 with tp 2 (sequence parallel) x dp 2 reproduces one device, GPT-2") { zero3_with_tp(GPTConfig::gpt2()); }
+  TEST_CASE("zero 3 with tp 2 (sequence parallel) x dp 2 reproduces one device, Llama") { zero3_with_tp(GPTConfig::llama()); }
+  TEST_CASE("zero 3 with tp 2 x dp 2: memory is the planner's") {
+    memory_is_the_formula("optim_grads_params", Layout().with_tp(2).with_dp(2));
   }
 }
 

@@ -19,9 +19,10 @@ lightron_mpi_test(mpi_pp_tp_np4 4 ${T} --test-suite=mpi_pp_tp)
 lightron_mpi_test(mpi_pp_dp_np4 4 ${T} --test-suite=mpi_pp_dp)
 lightron_mpi_test(mpi_3d_np8 8 ${T} --test-suite=mpi_3d)
 
-# Chapter 6, ZeRO: parity with data parallelism, memory and communication equal to the formulas.
+# Chapter 7, ZeRO: parity with data parallelism, memory and communication equal to the formulas.
 lightron_mpi_test(mpi_zero_np2 2 ${T} --test-suite=mpi_zero)
 lightron_mpi_test(mpi_zero_np4 4 ${T} --test-suite=mpi_zero)
+lightron_mpi_test(mpi_zero_tp_np4 4 ${T} --test-suite=mpi_zero_tp)
 lightron_mpi_test(mpi_zero_3d_np8 8 ${T} --test-suite=mpi_zero_3d)
 
 # blas.hpp: a program on a CPU whose OpenBLAS fell back to an old kernel restarts with the

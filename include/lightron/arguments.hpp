@@ -149,7 +149,7 @@ inline Arguments parse_arguments(int argc, char** argv, const std::string& descr
   app.add_option("--ddp-impl", a.ddp_impl, "naive or bucketed");
   app.add_option("--ddp-bucket-size", a.ddp_bucket_size, "elements per gradient bucket");
   app.add_option("--data-parallel-sharding-strategy", a.sharding,
-                 "no_shard, optim (ZeRO-1), optim_grads (ZeRO-2)");
+                 "no_shard, optim (ZeRO-1), optim_grads (ZeRO-2), optim_grads_params (ZeRO-3)");
   app.add_flag("--use-distributed-optimizer", a.use_distributed_optimizer, "ZeRO-1: = --data-parallel-sharding-strategy optim");
   app.add_option("--check-weight-hash-interval", a.check_weight_hash_interval, "0 disables");
   app.add_option("--sample-tokens", a.sample_tokens, "print samples of this many tokens after training");
@@ -254,6 +254,9 @@ inline void validate_arguments(Arguments& a, int64_t world_size) {
   require(!a.use_distributed_optimizer || a.sharding == "no_shard" || a.sharding == "optim",
           "--use-distributed-optimizer means --data-parallel-sharding-strategy optim; it contradicts '{}'", a.sharding);
   if (a.use_distributed_optimizer) a.sharding = "optim";
+  require(zero_stage(a.sharding) < 3 || a.layout.pp == 1, "--data-parallel-sharding-strategy optim_grads_params "
+          "(ZeRO-3) gathers weights block by block, which a pipeline schedule would have to drive: it needs "
+          "--pipeline-model-parallel-size 1, got {}", a.layout.pp);
   require(zero_stage(a.sharding) == 0 || a.ddp_impl == "bucketed",
           "--data-parallel-sharding-strategy {} shards the gradient buckets: it needs --ddp-impl bucketed, got '{}'",
           a.sharding, a.ddp_impl);

@@ -21,25 +21,25 @@
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
-#include <set>
 
 namespace lightron {
 
 // Which parameters share a bucket: filled from the last parameter backwards (the order in
 // which backward produces their gradients), at most `bucket_elements` each (a bigger parameter
-// alone); a parameter marked `alone` gets a bucket of its own. Indices into `numels`, by
-// bucket. The planner (memory.hpp) calls it too, for ZeRO's padding.
+// alone). Parameters with a `unit` >= 0 share a bucket with exactly their unit's neighbours,
+// whatever its size (ZeRO: the tied embedding alone; ZeRO-3: a block). Indices into
+// `numels`, by bucket. The planner (memory.hpp) calls it too, for ZeRO's padding.
 inline std::vector<std::vector<size_t>> plan_buckets(const std::vector<int64_t>& numels, int64_t bucket_elements,
-                                                     const std::vector<bool>& alone = {}) {
+                                                     const std::vector<int64_t>& unit = {}) {
   std::vector<std::vector<size_t>> buckets;
-  int64_t elements = 0;
-  bool closed = true;
+  int64_t elements = 0, previous = -2;
   for (size_t k = numels.size(); k-- > 0;) {
-    const bool by_itself = k < alone.size() && alone[k];
-    if (closed || by_itself || elements + numels[k] > bucket_elements) buckets.emplace_back(), elements = 0;
+    const int64_t u = k < unit.size() ? unit[k] : -1;
+    if (buckets.empty() || u != previous || (u < 0 && elements + numels[k] > bucket_elements))
+      buckets.emplace_back(), elements = 0;
     buckets.back().push_back(k);
     elements += numels[k];
-    closed = by_itself;
+    previous = u;
   }
   return buckets;
 }
@@ -50,7 +50,7 @@ struct BucketCommunication {
   std::function<Pending(size_t bucket, const torch::Tensor& flat)> launch;  // none: all-reduce, average
   int64_t pad_to = 1;                 // each bucket's length is rounded up to a multiple of this
   bool release_after_launch = false;  // the bucket is freed once sent; no_sync() does nothing
-  std::set<std::string> alone;        // parameters that get a bucket of their own
+  std::map<std::string, int64_t> unit;  // parameters bucketed by unit (plan_buckets); others by size
 };
 
 // The naive version: one all-reduce per parameter, after the whole backward.
@@ -86,17 +86,17 @@ class BucketedDataParallel {
     require(bucket_elements > 0, "--ddp-bucket-size must be positive, got {}", bucket_elements);
     state_->dp = dp;
     state_->how = std::move(how);
-    std::vector<int64_t> numels;
-    std::vector<bool> alone;
+    std::vector<int64_t> numels, unit;
     for (const auto& [name, p] : params) {
       require(p.is_leaf() && p.requires_grad(), "BucketedDataParallel: parameter '{}' is not a leaf tensor that "
               "requires grad", name);
       numels.push_back(p.numel());
-      alone.push_back(state_->how.alone.count(name) > 0);
+      const auto it = state_->how.unit.find(name);
+      unit.push_back(it == state_->how.unit.end() ? -1 : it->second);
     }
     auto& buckets = state_->buckets;
     std::weak_ptr<State> weak = state_;
-    for (const auto& members : plan_buckets(numels, bucket_elements, alone)) {
+    for (const auto& members : plan_buckets(numels, bucket_elements, unit)) {
       auto& bucket = buckets.emplace_back();
       for (size_t k : members) {
         bucket.names.push_back(params[k].first);

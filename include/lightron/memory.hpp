@@ -6,7 +6,7 @@
 // the micro-batches a schedule holds in flight (chunks_in_flight). Chapter 3.
 #pragma once
 
-#include "data_parallel.hpp"      // plan_buckets: ZeRO's padding
+#include "zero.hpp"               // plan_buckets, zero_units: ZeRO's padding
 #include "pipeline_schedule.hpp"  // chunks_in_flight
 #include "tp_model.hpp"
 
@@ -49,12 +49,14 @@ struct MemoryEstimate {
 // Under ZeRO (zero.hpp), the elements of this rank's gradient buckets, each padded to a
 // multiple of dp (Ψ' >= Ψ): the trainer's own bucket plan, rebuilt from the shapes.
 inline int64_t zero_padded_elements(const std::vector<std::pair<std::string, int64_t>>& held, int64_t dp,
-                                    int64_t bucket_elements, const std::string& alone) {
-  std::vector<int64_t> numels;
-  std::vector<bool> by_itself;
-  for (const auto& [name, numel] : held) numels.push_back(numel), by_itself.push_back(name == alone);
+                                    int64_t bucket_elements, const std::map<std::string, int64_t>& units) {
+  std::vector<int64_t> numels, unit;
+  for (const auto& [name, numel] : held) {
+    numels.push_back(numel);
+    unit.push_back(units.count(name) ? units.at(name) : -1);
+  }
   int64_t padded = 0;
-  for (const auto& bucket : plan_buckets(numels, bucket_elements, by_itself)) {
+  for (const auto& bucket : plan_buckets(numels, bucket_elements, unit)) {
     int64_t elements = 0;
     for (size_t k : bucket) elements += numels[k];
     padded += (elements + dp - 1) / dp * dp;
@@ -82,9 +84,12 @@ inline MemoryEstimate estimate_memory(const GPTConfig& c, const Layout& layout, 
   m.parameter_bytes = m.gradient_bytes = 4 * m.parameters;
   m.optimizer_bytes = 2 * 4 * m.parameters;
   if (zero_stage > 0 && layout.dp > 1) {  // [snippet: zero_memory]
-    const bool tied_here = c.tied() && p > 1 && (coords.pp == 0 || last);  // its own bucket
-    const int64_t padded = zero_padded_elements(held, layout.dp, bucket_elements, tied_here ? "wte.weight" : "");
-    m.gradient_bytes = zero_stage == 1 ? 4 * padded : 4 * padded / layout.dp;  // Ψ' = Σ buckets padded to dp
+    std::vector<std::string> names;
+    for (const auto& [name, numel] : held) names.push_back(name);
+    const bool tied_here = c.tied() && p > 1 && (coords.pp == 0 || last);
+    const int64_t padded = zero_padded_elements(held, layout.dp, bucket_elements, zero_units(names, zero_stage, tied_here));
+    if (zero_stage == 3) m.parameter_bytes = 4 * padded / layout.dp;  // Ψ' = Σ buckets padded to dp
+    m.gradient_bytes = zero_stage == 1 ? 4 * padded : 4 * padded / layout.dp;
     m.optimizer_bytes = 2 * 4 * padded / layout.dp;
   }  // [end snippet: zero_memory]
   // Kept for backward per layer and micro-batch (fp32 elements): about 10 activations of

@@ -14,14 +14,14 @@
 #include "pipeline_engine.hpp"
 #include "tp_model.hpp"
 #include "train.hpp"
-#include "zero.hpp"
+#include "zero3.hpp"
 
 namespace lightron {
 
 struct ParallelOptions {
   std::string ddp_impl = "bucketed";   // naive | bucketed
   int64_t ddp_bucket_size = 40000000;  // elements
-  std::string sharding = "no_shard";   // no_shard | optim (ZeRO-1) | optim_grads (ZeRO-2): zero.hpp
+  std::string sharding = "no_shard";   // no_shard | optim | optim_grads | optim_grads_params: ZeRO-1/2/3
   bool sequence_parallel = false;
   std::string pipeline_schedule = "1f1b";  // 1f1b | afab
   int64_t layers_per_virtual_stage = 0;    // > 0: interleaved 1f1b
@@ -35,6 +35,8 @@ class Trainer {
           const ProcessGroups& groups)
       : train_(train), options_(options), groups_(groups) {
     const auto& l = groups.layout;
+    require(zero_stage(options.sharding) < 3 || l.pp == 1, "--data-parallel-sharding-strategy optim_grads_params "
+            "(ZeRO-3) needs --pipeline-model-parallel-size 1, got {}", l.pp);
     validate_pipeline(model_config.num_layers, l.pp, options.layers_per_virtual_stage,
                       train.accumulation_steps(l.dp), options.pipeline_schedule);
     // [snippet: trainer_compose]
@@ -50,13 +52,14 @@ class Trainer {
     named_params = named_parameters_of(*model);  // this rank's: so is the optimizer state
     params = parameters_of(named_params);
     tp_info.sequence_parallel_params = held_here(tp_info.sequence_parallel_params, params);
-    if (zero_stage(options.sharding) > 0 && groups.dp.size > 1) {  // ZeRO: each dp rank owns 1/dp of the state
-      std::set<std::string> alone;
-      if (stage.holds_tied_embedding()) alone.insert("wte.weight");  // summed with the other stage's, slice by slice
-      distributed = std::make_unique<DistributedOptimizer>(named_params, groups.dp, train, zero_stage(options.sharding),
-                                                           options.ddp_bucket_size, alone);
+    if (const int zero = zero_stage(options.sharding); zero > 0 && groups.dp.size > 1) {  // ZeRO: 1/dp of the state each
+      std::vector<std::string> names;
+      for (const auto& [name, p] : named_params) names.push_back(name);
+      const auto units = zero_units(names, zero, stage.holds_tied_embedding());
+      distributed = std::make_unique<DistributedOptimizer>(named_params, groups.dp, train, zero, options.ddp_bucket_size, units);
       ddp = std::make_unique<BucketedDataParallel>(named_params, groups.dp, options.ddp_bucket_size,
                                                    distributed->communication());
+      if (zero == 3) sharded_weights = ShardedWeights::apply(*model, *distributed, groups.dp);  // weights too
     } else if (options.ddp_impl == "bucketed" && groups.dp.size > 1) {  // dp: buckets overlapped with backward
       optimizer = std::make_unique<AdamW>(named_params, train);
       ddp = std::make_unique<BucketedDataParallel>(named_params, groups.dp, options.ddp_bucket_size);
@@ -135,6 +138,9 @@ class Trainer {
   std::vector<torch::Tensor> params;
   std::unique_ptr<AdamW> optimizer;                  // null under ZeRO: then
   std::unique_ptr<DistributedOptimizer> distributed;  // holds this rank's slices of the AdamW state
+  std::shared_ptr<ShardedWeights> sharded_weights;   // ZeRO-3: gathers the weights block by block
+  // While it lives every weight is whole (no-op unless ZeRO-3): checkpoints, samples, hashes.
+  WholeWeights whole_weights() { return WholeWeights(sharded_weights); }
   std::unique_ptr<BucketedDataParallel> ddp;
   std::unique_ptr<UpdateGuard> guard;  // NaN/inf and spikes (guards.hpp); on the heap: ddp's hook points at it
   double grad_norm = 0;
