@@ -55,9 +55,10 @@ Held held_by(const Trainer& trainer) {
 
 // After two steps: measured == the planner's bytes, and the planner == the formula with Ψ' the
 // padded elements (each bucket rounded up to a multiple of dp: fewer than dp per bucket).
-void memory_is_the_formula(const std::string& strategy, const Layout& layout) {
+void memory_is_the_formula(const std::string& strategy, const Layout& layout,
+                           const std::optional<GPTConfig>& config = std::nullopt) {
   auto g = init_process_groups(layout);
-  const auto c = tiny_config(GPTConfig::gpt2(), /*layers=*/2 * layout.pp);  // tp 2: 4 heads split
+  const auto c = config ? *config : tiny_config(GPTConfig::gpt2(), /*layers=*/2 * layout.pp);
   const auto t = tiny_train(8, 1);
   const auto o = sharded(strategy);
   Trainer trainer(c, t, o, *g);
@@ -71,6 +72,7 @@ void memory_is_the_formula(const std::string& strategy, const Layout& layout) {
   CHECK(held.optimizer == plan.optimizer_bytes);
   const int64_t psi = plan.parameters, d = layout.dp, padded = trainer.distributed->shard_elements() * d;
   CHECK(padded - psi >= 0);
+  if (config && zero_stage(strategy) == 3) CHECK(padded > psi);  // odd sizes: the root's bucket is padded
   CHECK(padded - psi < d * int64_t(trainer.distributed->num_buckets()));
   CHECK(plan.parameter_bytes == (stage == 3 ? 4 * padded / d : 4 * psi));
   CHECK(plan.optimizer_bytes == 8 * padded / d);
@@ -116,13 +118,13 @@ void communication_is_the_formula(const std::string& strategy) {
                       wire / ring_all_reduce, ring_all_reduce));
 }
 
-// ZeRO-2: a bucket's reduce-scatter is launched while backward still runs, and afterwards no
-// rank holds a full gradient.
-void reduce_scatter_overlaps_backward() {
+// ZeRO-2 and -3: a bucket's reduce-scatter is launched while backward still runs, and
+// afterwards no rank holds a full gradient.
+void reduce_scatter_overlaps_backward(const std::string& strategy) {
   auto g = init_process_groups(Layout().with_dp(launch_env().world_size));
   const auto c = tiny_config(GPTConfig::gpt2());
   const auto t = tiny_train(8, 8 / g->layout.dp);
-  Trainer trainer(c, t, sharded("optim_grads"), *g);
+  Trainer trainer(c, t, sharded(strategy), *g);
   const auto batch = one_global_batch(c, t, *g).at(0);
   std::vector<std::string> timeline;
   trainer.ddp->observe_this_step([&](size_t b, bool done) {
@@ -140,6 +142,7 @@ void reduce_scatter_overlaps_backward() {
   CHECK(trainer.ddp->num_buckets() > 2);
   CHECK(started_before == int64_t(trainer.ddp->num_buckets()));  // all of them, the first long before the end
   CHECK(timeline.front() == "reduce-scatter started bucket 0");
+  CHECK(timeline.at(1) != "backward returned");
   for (const auto& p : trainer.params) CHECK_FALSE(p.grad().defined());
 }
 
@@ -213,8 +216,16 @@ TEST_SUITE("mpi_zero") {
   TEST_CASE("zero 3: no whole weight between steps; evaluation gathers and frees; WholeWeights holds them") {
     weights_are_freed();
   }
-  TEST_CASE("zero overlap: ZeRO-2's reduce-scatters start during backward; no full gradient is kept") {
-    reduce_scatter_overlaps_backward();
+  TEST_CASE("zero overlap: ZeRO-2's and ZeRO-3's reduce-scatters start during backward; no full gradient is kept") {
+    reduce_scatter_overlaps_backward("optim_grads");
+    reduce_scatter_overlaps_backward("optim_grads_params");
+  }
+  TEST_CASE("zero padding: sizes not divisible by dp (hidden 27, vocabulary 63) are padded per bucket, as stated") {
+    auto c = tiny_config(GPTConfig::gpt2());
+    c.hidden_size = 27, c.num_attention_heads = 3, c.vocab_size = 63;
+    zero_vs_data_parallel(c, "optim_grads_params", 1);
+    for (const char* s : {"optim", "optim_grads", "optim_grads_params"})
+      memory_is_the_formula(s, Layout().with_dp(launch_env().world_size), c);
   }
 }
 
