@@ -171,8 +171,16 @@ int main(int argc, char** argv) {
         require(planned, "[rank {}] holds {} + {} + {} bytes, the planner says {} + {} + {}", groups->rank, h.weights,
                 h.gradients, h.adam, plan.parameter_bytes, plan.gradient_bytes, plan.optimizer_bytes);
         const auto bytes = [](const char* op) { return comm_stats().get("dp", op).bytes; };
-        print0("dp sent in step 1 (bytes handed to each collective): all_reduce {} | reduce_scatter {} | all_gather {}\n",
+        print0("dp collectives in step 1, bytes handed in per rank: all_reduce {} | reduce_scatter {} | all_gather {}\n",
                bytes("all_reduce"), bytes("reduce_scatter"), bytes("all_gather"));
+        // Sent per rank by ring algorithms: all-reduce 2(d-1)/d of its buffer, reduce-scatter
+        // (d-1)/d, all-gather (d-1) times its input. Not counted: the loss (8 bytes) and,
+        // under ZeRO, Σg² (8 bytes), both all-reduced.
+        const double d = double(dp.size), gradient_all_reduce = double(bytes("all_reduce") - (distributed ? 16 : 8));
+        const double wire = 2 * (d - 1) / d * gradient_all_reduce + (d - 1) / d * double(bytes("reduce_scatter")) +
+                            (d - 1) * double(bytes("all_gather"));
+        print0("gradients and weights on the wire, per rank: {:.0f} bytes | one ring all-reduce of 4Ψ: {:.0f}\n", wire,
+               2 * (d - 1) / d * double(4 * psi));
       }
       if (it == 1 || it % 5 == 0)
         print0("iteration {:>3}/{} | loss {:.6f} | grad norm {:.6f}\n", it, train.train_iters, loss.item<double>(),

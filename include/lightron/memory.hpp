@@ -83,7 +83,8 @@ inline MemoryEstimate estimate_memory(const GPTConfig& c, const Layout& layout, 
   }
   m.parameter_bytes = m.gradient_bytes = 4 * m.parameters;
   m.optimizer_bytes = 2 * 4 * m.parameters;
-  if (zero_stage > 0 && layout.dp > 1) {  // [snippet: zero_memory]
+  // [snippet: zero_memory]
+  if (zero_stage > 0 && layout.dp > 1) {
     std::vector<std::string> names;
     for (const auto& [name, numel] : held) names.push_back(name);
     const bool tied_here = c.tied() && p > 1 && (coords.pp == 0 || last);
@@ -91,7 +92,8 @@ inline MemoryEstimate estimate_memory(const GPTConfig& c, const Layout& layout, 
     if (zero_stage == 3) m.parameter_bytes = 4 * padded / layout.dp;  // Ψ' = Σ buckets padded to dp
     m.gradient_bytes = zero_stage == 1 ? 4 * padded : 4 * padded / layout.dp;
     m.optimizer_bytes = 2 * 4 * padded / layout.dp;
-  }  // [end snippet: zero_memory]
+  }
+  // [end snippet: zero_memory]
   // Kept for backward per layer and micro-batch (fp32 elements): about 10 activations of
   // B·T·C (norms, residuals, projections; split by tp under sequence parallel), q, k, v
   // and the MLP's input/output (split by tp), and two (B, H/tp, T, T) attention matrices.
