@@ -10,7 +10,7 @@
 // the directory, and writes latest.json last. A crash leaves at worst a *.tmp directory,
 // which loading skips, and says so. A write that fails (a full disk, a path it cannot create)
 // is reported by the rank that met it, with the path. Reading it back: checkpoint_load.hpp.
-// Leaves out: asynchronous saving, ZeRO-sharded optimizer state. Chapter 5.
+// Leaves out: asynchronous saving. (ZeRO's AdamW state arrives whole: trainer_tools.hpp.) Chapter 5.
 #pragma once
 
 #include "pipeline_parallel.hpp"  // pp_rank_of_parameter: who saves a parameter
