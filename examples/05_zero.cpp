@@ -10,7 +10,7 @@
 // data parallelism holds, and the planner's formula; the bytes the dp group sent in one step;
 // then the loss every 5 iterations, which is the same for every strategy (the same seed, data
 // and steps: only where the numbers live changes). Mock data (random tokens) unless
-// --data-path and --tokenizer-model are given. About 5 s on 2 cores. tutorials/07_zero.md.
+// --data-path and --tokenizer-model are given. About 10 s on 2 cores. tutorials/07_zero.md.
 #include <lightron/data.hpp>
 #include <lightron/gpt.hpp>
 #include <lightron/memory.hpp>  // estimate_memory: the planner of --dry-run
