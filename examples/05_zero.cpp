@@ -4,7 +4,9 @@
 // training state sharded over the dp group instead of copied to every rank:
 //   --strategy no_shard     plain data parallelism (chapter 1): every rank holds everything;
 //   --strategy optim        ZeRO-1: each rank keeps AdamW's moments for 1/dp of the weights;
-//   --strategy optim_grads  ZeRO-2: ... and only the averaged gradients of that 1/dp.
+//   --strategy optim_grads  ZeRO-2: ... and only the averaged gradients of that 1/dp;
+//   --strategy optim_grads_params  ZeRO-3: ... and only that 1/dp of the weights, each block's
+//                           gathered while it computes (zero3.hpp).
 // (pretrain_gpt's --data-parallel-sharding-strategy has the same names.) Rank 0 prints, after
 // the first step, the bytes every rank holds (weights + gradients + AdamW) next to what plain
 // data parallelism holds, and the planner's formula; the bytes the dp group sent in one step;
@@ -14,7 +16,7 @@
 #include <lightron/data.hpp>
 #include <lightron/gpt.hpp>
 #include <lightron/memory.hpp>  // estimate_memory: the planner of --dry-run
-#include <lightron/zero.hpp>
+#include <lightron/zero3.hpp>
 
 #include <lightron/cli.hpp>
 
@@ -22,8 +24,9 @@
 
 using namespace lightron;
 
-// The bytes this rank's tensors occupy: weights, gradients (each storage once: under data
-// parallelism and ZeRO-1 they are views into the buckets), AdamW's two moments.
+// The bytes this rank's tensors occupy: weights (ZeRO-3: the slices, and any weight gathered
+// at the moment), gradients (each storage once: under data parallelism and ZeRO-1 they are
+// views into the buckets), AdamW's two moments.
 struct Held {
   int64_t weights = 0, gradients = 0, adam = 0;
   int64_t total() const { return weights + gradients + adam; }
@@ -32,11 +35,12 @@ Held held_by(const std::vector<torch::Tensor>& params, const AdamW* optimizer, c
   Held h;
   std::set<const void*> seen;
   for (const auto& p : params) {
-    h.weights += nbytes(p);
+    h.weights += int64_t(p.storage().nbytes());  // 0 for a weight ZeRO-3 has freed
     if (p.grad().defined() && seen.insert(p.grad().storage().data()).second) h.gradients += p.grad().storage().nbytes();
   }
   if (zero) {
-    h.gradients += zero->gradient_shard_bytes();  // ZeRO-2: the full gradients were freed during backward
+    h.weights += zero->weight_shard_bytes();      // ZeRO-3
+    h.gradients += zero->gradient_shard_bytes();  // ZeRO-2/3: the full gradients were freed during backward
     h.adam = zero->optimizer_bytes();
   } else {
     for (const auto& s : optimizer->slots) h.adam += nbytes(s.exp_avg) + nbytes(s.exp_avg_sq);
@@ -48,9 +52,9 @@ int main(int argc, char** argv) {
   return run_main([&] {
     std::string strategy = "optim_grads", data_path, tokenizer_model;
     int64_t train_iters = 10, micro_batch_size = 2, global_batch_size = 16, bucket_size = 100000, vocab_size = 2048;
-    CLI::App app{"lightron chapter 7: ZeRO-1 and ZeRO-2, the data-parallel step with the training state sharded"};
-    app.add_option("--strategy", strategy, "no_shard, optim (ZeRO-1) or optim_grads (ZeRO-2)")
-        ->check(CLI::IsMember({"no_shard", "optim", "optim_grads"}));
+    CLI::App app{"lightron chapter 7: ZeRO-1, 2 and 3, the data-parallel step with the training state sharded"};
+    app.add_option("--strategy", strategy, "no_shard, optim (ZeRO-1), optim_grads (ZeRO-2), optim_grads_params (ZeRO-3)")
+        ->check(CLI::IsMember({"no_shard", "optim", "optim_grads", "optim_grads_params"}));
     app.add_option("--train-iters", train_iters, "optimizer steps");
     app.add_option("--micro-batch-size", micro_batch_size, "samples per forward/backward");
     app.add_option("--global-batch-size", global_batch_size, "samples per step, all ranks together");
@@ -101,13 +105,21 @@ int main(int argc, char** argv) {
 
     // [snippet: zero_compose]
     // Plain dp: a whole AdamW and buckets that all-reduce. ZeRO: the optimizer owns this rank's
-    // slices, and tells the buckets how to communicate (reduce-scatter; ZeRO-2: then free).
+    // slices, and tells the buckets how to communicate (reduce-scatter; ZeRO-2/3: then free).
+    // ZeRO-3 buckets by block (zero_units) and frees the whole weights (ShardedWeights).
     std::unique_ptr<AdamW> optimizer;
     std::unique_ptr<DistributedOptimizer> distributed;
-    if (stage > 0) distributed = std::make_unique<DistributedOptimizer>(named_params, dp, train, stage, bucket_size);
-    else optimizer = std::make_unique<AdamW>(named_params, train);
+    if (stage > 0) {
+      const std::vector<std::string> names(all_names.begin(), all_names.end());
+      distributed = std::make_unique<DistributedOptimizer>(named_params, dp, train, stage, bucket_size,
+                                                           zero_units(names, stage, /*tied_shared=*/false));
+    } else {
+      optimizer = std::make_unique<AdamW>(named_params, train);
+    }
     BucketedDataParallel ddp(named_params, dp, bucket_size,
                              distributed ? distributed->communication() : BucketedDataParallel::Communication{});
+    std::shared_ptr<ShardedWeights> sharded_weights;  // keep it: the model's wrappers hold it weakly
+    if (stage == 3) sharded_weights = ShardedWeights::apply(*model, *distributed, dp);
     // [end snippet: zero_compose]
     const int64_t accumulation = train.accumulation_steps(dp.size);
     print0("{} rank(s) | dp {} | --strategy {} ({}) | {} buckets | global batch {} = micro {} x accumulation {} x "
@@ -141,7 +153,7 @@ int main(int argc, char** argv) {
       }
       const auto norm = sq.sqrt();
       if (distributed) {
-        distributed->step(lr_at(train, it), norm, train.clip_grad);  // clip, AdamW on the slices, all-gather
+        distributed->step(lr_at(train, it), norm, train.clip_grad);  // clip, AdamW on the slices, all-gather (ZeRO-3: not)
       } else {
         clip_grads(params, norm, train.clip_grad);
         optimizer->step(lr_at(train, it));
