@@ -17,6 +17,7 @@
 #include <atomic>
 #include <memory>
 #include <mutex>
+#include <thread>  // this_thread::sleep_for
 #include <unordered_map>
 
 namespace lightron {
@@ -24,6 +25,19 @@ namespace lightron {
 // Bytes allocated inside CountAllocations scopes that are still alive.
 struct ActivationCounter {
   std::atomic<int64_t> live{0};
+  // `live` once other threads have let go: a collective's worker thread drops its reference
+  // to a buffer (already released here) a moment after the collective returned. Waits only
+  // while measuring (the counting allocator installed).
+  int64_t settled() const {
+    int64_t now = live.load();
+    for (int i = 0; i < 20 && c10::GetCPUAllocator() != c10::GetDefaultCPUAllocator(); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      const int64_t again = live.load();
+      if (again == now && i > 0) break;
+      now = again;
+    }
+    return now;
+  }
 };
 
 namespace meter_detail {

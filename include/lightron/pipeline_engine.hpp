@@ -184,7 +184,7 @@ class PipelineEngine {
     inputs_[a.chunk][a.micro_batch] = x;
     outputs_[a.chunk][a.micro_batch] = y;
     peak_in_flight = std::max(peak_in_flight, ++in_flight_);
-    peak_activation_bytes = std::max(peak_activation_bytes, activations_->live.load());
+    peak_activation_bytes = std::max(peak_activation_bytes, activations_->settled());
   }
   // [end snippet: engine_forward]
 

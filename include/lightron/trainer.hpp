@@ -146,7 +146,7 @@ class Trainer {
         CountAllocations count(activations_);
         loss = model->loss(micro_batches[i].tokens, micro_batches[i].labels) / double(micro_batches.size());
       }
-      peak_activation_bytes_ = std::max(peak_activation_bytes_, activations_->live.load());
+      peak_activation_bytes_ = std::max(peak_activation_bytes_, activations_->settled());
       loss.backward();
       total += loss.detach().to(torch::kDouble);
     }
