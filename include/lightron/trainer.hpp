@@ -37,13 +37,14 @@ class Trainer {
     const auto& l = groups.layout;
     validate_pipeline(model_config.num_layers, l.pp, options.layers_per_virtual_stage,
                       train.accumulation_steps(l.dp), options.pipeline_schedule);
-    const int64_t v = virtual_stages(model_config.num_layers, l.pp, options.layers_per_virtual_stage);
-    validate_recompute(options.recompute, model_config.num_layers / (l.pp * v));  // blocks per model chunk
+    const int64_t chunks = l.pp * virtual_stages(model_config.num_layers, l.pp, options.layers_per_virtual_stage);
+    validate_recompute(options.recompute, model_config.num_layers / chunks);  // blocks per model chunk
     // [snippet: trainer_compose]
     torch::manual_seed(train.seed);
     model = std::make_shared<GPT>(model_config);  // whole, from the seed: every layout starts here
     tp_info = apply_tensor_parallel(*model, groups.tp, options.sequence_parallel);  // tp: shard the layers
-    stage = apply_pipeline_parallel(model, groups.coords.pp, l.pp, v);              // pp: keep this stage's
+    stage = apply_pipeline_parallel(model, groups.coords.pp, l.pp,                   // pp: keep this stage's
+                                    virtual_stages(model_config.num_layers, l.pp, options.layers_per_virtual_stage));
     stage.bf16 = options.bf16;
     apply_recompute(*model, options.recompute);  // recompute: fewer activations kept for backward
     model->to(options.device);  // after sharding: each rank moves only its part
