@@ -97,7 +97,7 @@ void check_before_training(const Arguments& a, const Datasets& data, const Train
     failure = fmt::format("--sample-tokens {}: {}", a.sample_tokens, e.what());
   }
   int64_t bytes = 0;  // this rank's share of a checkpoint: weights and both AdamW moments
-  for (const auto& s : trainer.optimizer->slots) bytes += nbytes(s.param) + nbytes(s.exp_avg) + nbytes(s.exp_avg_sq);
+  for (const auto& p : trainer.params) bytes += 3 * nbytes(p);  // (under ZeRO too: the state is saved whole)
   auto total = torch::tensor({bytes}, torch::kLong);
   all_reduce(world, total);
   if (failure.empty() && !a.save.empty()) failure = writable_with_room(a.save, "--save", total.item<int64_t>());
@@ -135,7 +135,8 @@ void print_measured_activations(const Arguments& a) {
   for (int64_t r = 0; r < a.layout.world(); ++r) {
     const auto m = estimate_memory(a.model, a.layout, coords_of(r, a.layout), a.train.micro_batch_size,
                                    a.train.accumulation_steps(a.layout.dp), a.num_layers_per_virtual_pipeline_stage,
-                                   a.pipeline_schedule, a.sequence_parallel, a.recompute);
+                                   a.pipeline_schedule, a.sequence_parallel, zero_stage(a.sharding), a.ddp_bucket_size,
+                                   a.recompute);
     print0("{:>5} {:>14.2f} {:>14.2f} {:>9.1f}%\n", r, double(m.activation_bytes) / (1 << 20),
            double(measured[r]) / (1 << 20), 100.0 * double(m.activation_bytes - measured[r]) / double(measured[r]));
   }
@@ -222,8 +223,10 @@ int main(int argc, char** argv) {
       if (timeline.file) fmt::print(timeline.file, "{}", trainer.engine->timeline_json(it));
       if (comm.file) fmt::print(comm.file, "{}\n", comm_stats().json(it));
       comm_stats().reset();
-      if (a.check_weight_hash_interval > 0 && it % a.check_weight_hash_interval == 0)
+      if (a.check_weight_hash_interval > 0 && it % a.check_weight_hash_interval == 0) {
+        const auto weights = trainer.whole_weights();  // ZeRO-3: gathered to be hashed
         check_replicas(trainer.params, groups->dp, it);
+      }
       if (it % a.train.log_interval == 0 || it == a.train.train_iters) {
         const int64_t iters = it % a.train.log_interval == 0 ? a.train.log_interval : it % a.train.log_interval;
         StepMetrics m;

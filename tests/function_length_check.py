@@ -37,6 +37,7 @@ IDEA_HEADERS = [
     ("trainer.hpp", 4),
     ("checkpoint.hpp", 5),
     ("parity.hpp", 6),
+    ("zero.hpp", 7), ("zero3.hpp", 7),
 ]
 DEFAULT_MAX_LINES = 60
 ROW = re.compile(r"^\|\s*`([^`]+\.hpp)`\s*\|\s*(\d+)\s*\|\s*([\d,]+)\s*\|")

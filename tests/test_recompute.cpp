@@ -149,7 +149,8 @@ void check_measured_memory(GPTConfig flavour, const std::vector<MemoryCase>& cas
     std::vector<int64_t> row;
     for (const auto& r : {recompute(""), recompute("selective"), recompute("full")}) {
       const int64_t bytes = measured_activation_bytes(c, k, r, *g);
-      const auto m = estimate_memory(c, g->layout, g->coords, 2, 4, k.layers_per_virtual, k.schedule, k.sequence_parallel, r);
+      const auto m = estimate_memory(c, g->layout, g->coords, 2, 4, k.layers_per_virtual, k.schedule, k.sequence_parallel,
+                                     /*zero_stage=*/0, ParallelOptions{}.ddp_bucket_size, r);
       const std::string name = fmt::format("{} {}", k.name, r.granularity.empty() ? "none" : r.granularity);
       MESSAGE(fmt::format("rank {} {:<28} measured {:>9} B, estimate {:>9} B ({:+.1f}%)", g->rank, name, bytes,
                           m.activation_bytes, 100.0 * double(m.activation_bytes - bytes) / double(bytes)));

@@ -22,6 +22,12 @@ lightron_mpi_test(mpi_3d_np8 8 ${T} --test-suite=mpi_3d)
 lightron_mpi_test(mpi_recompute_np2 2 ${T} --test-suite=mpi_recompute_np2)
 lightron_mpi_test(mpi_recompute_np8 8 ${T} --test-suite=mpi_recompute_np8)
 
+# Chapter 7, ZeRO: parity with data parallelism, memory and communication equal to the formulas.
+lightron_mpi_test(mpi_zero_np2 2 ${T} --test-suite=mpi_zero)
+lightron_mpi_test(mpi_zero_np4 4 ${T} --test-suite=mpi_zero)
+lightron_mpi_test(mpi_zero_tp_np4 4 ${T} --test-suite=mpi_zero_tp)
+lightron_mpi_test(mpi_zero_3d_np8 8 ${T} --test-suite=mpi_zero_3d)
+
 # blas.hpp: a program on a CPU whose OpenBLAS fell back to an old kernel restarts with the
 # right one; the user's OPENBLAS_CORETYPE and --no-blas-fix keep it (skipped without AVX2).
 add_test(NAME blas_fix COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/blas_fix_test.sh ${PROJECT_BINARY_DIR})

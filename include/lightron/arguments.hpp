@@ -42,6 +42,8 @@ struct Arguments {
   double distributed_timeout_seconds = 60;
   std::string ddp_impl = "bucketed";  // naive | bucketed
   int64_t ddp_bucket_size = 40000000; // elements per gradient bucket
+  std::string sharding = "no_shard";  // --data-parallel-sharding-strategy (zero.hpp)
+  bool use_distributed_optimizer = false;  // = --data-parallel-sharding-strategy optim
   int64_t check_weight_hash_interval = 0;
   bool sequence_parallel = false;
   std::string pipeline_schedule = "1f1b";
@@ -153,6 +155,9 @@ inline Arguments parse_arguments(int argc, char** argv, const std::string& descr
   app.add_option("--distributed-timeout-seconds", a.distributed_timeout_seconds);
   app.add_option("--ddp-impl", a.ddp_impl, "naive or bucketed");
   app.add_option("--ddp-bucket-size", a.ddp_bucket_size, "elements per gradient bucket");
+  app.add_option("--data-parallel-sharding-strategy", a.sharding,
+                 "no_shard, optim (ZeRO-1), optim_grads (ZeRO-2), optim_grads_params (ZeRO-3)");
+  app.add_flag("--use-distributed-optimizer", a.use_distributed_optimizer, "ZeRO-1: = --data-parallel-sharding-strategy optim");
   app.add_option("--check-weight-hash-interval", a.check_weight_hash_interval, "0 disables");
   app.add_option("--sample-tokens", a.sample_tokens, "print samples of this many tokens after training");
   app.add_option("--num-samples", a.num_samples_to_print);
@@ -166,6 +171,7 @@ inline ParallelOptions parallel_options(const Arguments& a) {
   ParallelOptions o;
   o.ddp_impl = a.ddp_impl;
   o.ddp_bucket_size = a.ddp_bucket_size;
+  o.sharding = a.sharding;
   o.sequence_parallel = a.sequence_parallel;
   o.pipeline_schedule = a.pipeline_schedule;
   o.layers_per_virtual_stage = a.num_layers_per_virtual_pipeline_stage;
@@ -253,6 +259,15 @@ inline void validate_arguments(Arguments& a, int64_t world_size) {
           "--finetune, --no-load-optim and --no-load-rng need --load DIR");
   require(a.ddp_impl == "naive" || a.ddp_impl == "bucketed", "--ddp-impl must be naive or bucketed, got '{}'",
           a.ddp_impl);
+  require(!a.use_distributed_optimizer || a.sharding == "no_shard" || a.sharding == "optim",
+          "--use-distributed-optimizer means --data-parallel-sharding-strategy optim; it contradicts '{}'", a.sharding);
+  if (a.use_distributed_optimizer) a.sharding = "optim";
+  require(zero_stage(a.sharding) < 3 || a.layout.pp == 1, "--data-parallel-sharding-strategy optim_grads_params "
+          "(ZeRO-3) gathers weights block by block, which a pipeline schedule would have to drive: it needs "
+          "--pipeline-model-parallel-size 1, got {}", a.layout.pp);
+  require(zero_stage(a.sharding) == 0 || a.ddp_impl == "bucketed",
+          "--data-parallel-sharding-strategy {} shards the gradient buckets: it needs --ddp-impl bucketed, got '{}'",
+          a.sharding, a.ddp_impl);
   require(a.mock_data != !a.data_path.empty(), "give exactly one of --data-path and --mock-data, got {}",
           a.mock_data ? fmt::format("both (--data-path {})", a.data_path) : std::string("neither"));
   split_documents(a.split, /*n=*/0);  // the syntax of --split, even where --mock-data ignores it
@@ -288,7 +303,8 @@ inline void print_dry_run(const Arguments& a) {
          "per rank{}\n", a.layout.tp, a.layout.cp, a.layout.dp, a.layout.pp, a.train.micro_batch_size,
          a.train.accumulation_steps(a.layout.dp), a.layout.pp > 1 ? a.pipeline_schedule : "none",
          virtual_stages(a.model.num_layers, a.layout.pp, a.num_layers_per_virtual_pipeline_stage),
-         a.recompute.granularity.empty() ? "" : ", recompute " + a.recompute.granularity);
+         std::string(a.sharding == "no_shard" ? "" : ", sharding " + a.sharding) +
+             (a.recompute.granularity.empty() ? "" : ", recompute " + a.recompute.granularity));
   print0("{:>5} {:>4} {:>4} {:>4} {:>12} {:>12} {:>12} {:>12} {:>14} {:>12}\n", "rank", "tp", "dp", "pp", "parameters",
          "params MiB", "grads MiB", "adam MiB", "activ. MiB (~)", "total MiB");
   const double mib = 1024.0 * 1024.0;
@@ -296,7 +312,7 @@ inline void print_dry_run(const Arguments& a) {
     const Coords c = coords_of(r, a.layout);
     const auto m = estimate_memory(a.model, a.layout, c, a.train.micro_batch_size, a.train.accumulation_steps(a.layout.dp),
                                    a.num_layers_per_virtual_pipeline_stage, a.pipeline_schedule, a.sequence_parallel,
-                                   a.recompute);
+                                   zero_stage(a.sharding), a.ddp_bucket_size, a.recompute);
     const double total = double(m.parameter_bytes + m.gradient_bytes + m.optimizer_bytes + m.activation_bytes);
     print0("{:>5} {:>4} {:>4} {:>4} {:>12} {:>12.2f} {:>12.2f} {:>12.2f} {:>14.2f} {:>12.2f}\n", r, c.tp, c.dp, c.pp,
            m.parameters, m.parameter_bytes / mib, m.gradient_bytes / mib, m.optimizer_bytes / mib,

@@ -141,7 +141,7 @@ struct Pending {
     }
     work.reset();
     comm_stats().add(group.name, op, bytes, timer.seconds());
-    if (then) then();
+    if (then) std::exchange(then, nullptr)();  // and drop what it holds (buffers)
   }
 };
 
@@ -208,6 +208,22 @@ inline torch::Tensor reduce_scatter(const Group& g, const torch::Tensor& t, int6
   std::vector<int64_t> splits;  // empty: equal splits
   launch(g, "reduce_scatter", nbytes(t), [&] { return g.pg->alltoall_base(recv, send, splits, splits); }).wait();
   return recv.sum(0);
+}
+
+// The same for a flat buffer, asynchronously (ZeRO): `t` holds size·n elements, rank j's
+// slice being the j-th n; when the Pending is waited, `done` gets this rank's slice summed
+// over the group. `t` is read until then.
+inline Pending reduce_scatter_async(const Group& g, const torch::Tensor& t, std::function<void(torch::Tensor)> done) {
+  if (g.size == 1) {
+    done(t.clone());
+    return Pending{};
+  }
+  auto send = t.view({g.size, -1});
+  auto recv = torch::empty_like(send);
+  std::vector<int64_t> splits;  // empty: equal splits
+  auto p = launch(g, "reduce_scatter", nbytes(t), [&] { return g.pg->alltoall_base(recv, send, splits, splits); });
+  p.then = [send, recv, done = std::move(done)] { done(recv.sum(0)); };
+  return p;
 }
 
 // Point-to-point; post both sides before waiting on either (a ring can deadlock otherwise).

@@ -12,7 +12,8 @@
 //     and the last micro-batch communicates; with a pipeline, PipelineEngine::run holds
 //     no_sync() until this rank's last backward (pipeline_engine.hpp).
 // Also: check_replicas, which hashes the parameters and names a replica that diverged.
-// Leaves out: ZeRO (sharding the optimizer state). Chapter 1.
+// ZeRO (zero.hpp) reuses the buckets, communicating them its own way (Communication below).
+// Chapter 1.
 #pragma once
 
 #include "process_groups.hpp"
@@ -20,7 +21,37 @@
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
+
 namespace lightron {
+
+// Which parameters share a bucket: filled from the last parameter backwards (the order in
+// which backward produces their gradients), at most `bucket_elements` each (a bigger parameter
+// alone). Parameters with a `unit` >= 0 share a bucket with exactly their unit's neighbours,
+// whatever its size (ZeRO: the tied embedding alone; ZeRO-3: a block). Indices into
+// `numels`, by bucket. The planner (memory.hpp) calls it too, for ZeRO's padding.
+inline std::vector<std::vector<size_t>> plan_buckets(const std::vector<int64_t>& numels, int64_t bucket_elements,
+                                                     const std::vector<int64_t>& unit = {}) {
+  std::vector<std::vector<size_t>> buckets;
+  int64_t elements = 0, previous = -2;
+  for (size_t k = numels.size(); k-- > 0;) {
+    const int64_t u = k < unit.size() ? unit[k] : -1;
+    if (buckets.empty() || u != previous || (u < 0 && elements + numels[k] > bucket_elements))
+      buckets.emplace_back(), elements = 0;
+    buckets.back().push_back(k);
+    elements += numels[k];
+    previous = u;
+  }
+  return buckets;
+}
+
+// How a complete bucket is communicated. The default is data parallelism's all-reduce;
+// ZeRO (zero.hpp) reduce-scatters instead, and under ZeRO-2 frees the full gradients.
+struct BucketCommunication {
+  std::function<Pending(size_t bucket, const torch::Tensor& flat)> launch;  // none: all-reduce, average
+  int64_t pad_to = 1;                 // each bucket's length is rounded up to a multiple of this
+  bool release_after_launch = false;  // the bucket is freed once sent; no_sync() does nothing
+  std::map<std::string, int64_t> unit;  // parameters bucketed by unit (plan_buckets); others by size
+};
 
 // The naive version: one all-reduce per parameter, after the whole backward.
 inline void all_reduce_gradients(const std::vector<torch::Tensor>& params, const Group& dp) {
@@ -47,37 +78,41 @@ class BucketedDataParallel {
  public:
   using NamedParams = std::vector<std::pair<std::string, torch::Tensor>>;
 
-  // `params` in the model's order; buckets are filled from the last parameter backwards,
-  // the order in which backward produces their gradients. The group is copied.
-  BucketedDataParallel(const NamedParams& params, const Group& dp, int64_t bucket_elements)
+  using Communication = BucketCommunication;
+
+  // `params` in the model's order (plan_buckets). The group is copied.
+  BucketedDataParallel(const NamedParams& params, const Group& dp, int64_t bucket_elements, Communication how = {})
       : state_(std::make_shared<State>()) {
     require(bucket_elements > 0, "--ddp-bucket-size must be positive, got {}", bucket_elements);
     state_->dp = dp;
-    auto& buckets = state_->buckets;
-    for (auto it = params.rbegin(); it != params.rend(); ++it) {
-      const auto& [name, p] = *it;
+    state_->how = std::move(how);
+    std::vector<int64_t> numels, unit;
+    for (const auto& [name, p] : params) {
       require(p.is_leaf() && p.requires_grad(), "BucketedDataParallel: parameter '{}' is not a leaf tensor that "
               "requires grad", name);
-      if (buckets.empty() || buckets.back().elements + p.numel() > bucket_elements) buckets.emplace_back();
-      buckets.back().names.push_back(name);
-      buckets.back().params.push_back(p);
-      buckets.back().elements += p.numel();
+      numels.push_back(p.numel());
+      const auto it = state_->how.unit.find(name);
+      unit.push_back(it == state_->how.unit.end() ? -1 : it->second);
     }
+    auto& buckets = state_->buckets;
     std::weak_ptr<State> weak = state_;
-    for (size_t b = 0; b < buckets.size(); ++b) {
-      auto& bucket = buckets[b];
-      bucket.flat = torch::zeros({bucket.elements}, bucket.params[0].options());
+    for (const auto& members : plan_buckets(numels, bucket_elements, unit)) {
+      auto& bucket = buckets.emplace_back();
+      for (size_t k : members) {
+        bucket.names.push_back(params[k].first);
+        bucket.params.push_back(params[k].second);
+        bucket.elements += params[k].second.numel();
+      }
+      const int64_t pad = state_->how.pad_to;
+      bucket.padded = (bucket.elements + pad - 1) / pad * pad;
       bucket.ready.assign(bucket.params.size(), false);
-      int64_t offset = 0;
+      if (!state_->how.release_after_launch) bucket.allocate();  // else at the first gradient
       for (size_t i = 0; i < bucket.params.size(); ++i) {
         auto& p = bucket.params[i];
-        // The gradient is a view into the bucket: autograd accumulates into it in place.
-        bucket.views.push_back(bucket.flat.narrow(0, offset, p.numel()).view_as(p));
-        p.mutable_grad() = bucket.views.back();
-        offset += p.numel();
+        if (bucket.flat.defined()) p.mutable_grad() = bucket.views[i];  // autograd accumulates into it in place
         auto accumulator = torch::autograd::impl::grad_accumulator(p);
-        accumulator->add_pre_hook(std::make_unique<Hook>(weak, b, i));
-        accumulator->add_post_hook(std::make_unique<Hook>(weak, b, i));
+        accumulator->add_pre_hook(std::make_unique<Hook>(weak, buckets.size() - 1, i));
+        accumulator->add_post_hook(std::make_unique<Hook>(weak, buckets.size() - 1, i));
         accumulators_.push_back(accumulator);  // the parameter only holds it weakly
       }
     }
@@ -109,7 +144,7 @@ class BucketedDataParallel {
     }
     std::shared_ptr<State> state_;
   };
-  NoSync no_sync() { return NoSync(state_); }
+  NoSync no_sync() { return state_->how.release_after_launch ? NoSync() : NoSync(state_); }
 
   // Before the optimizer step: bring every gradient into its bucket (a parameter that got no
   // gradient this step counts as zero), launch the buckets that backward did not, wait for
@@ -129,6 +164,7 @@ class BucketedDataParallel {
   }
 
   size_t num_buckets() const { return state_->buckets.size(); }
+  const std::vector<std::string>& bucket_names(size_t b) const { return state_->buckets[b].names; }
 
   // `inspect(names, gradients)` is called with each bucket just before its all-reduce starts,
   // while the gradients are still this rank's own (guards.hpp notes NaN/inf there).
@@ -145,16 +181,26 @@ class BucketedDataParallel {
   struct Bucket {
     std::vector<std::string> names;
     std::vector<torch::Tensor> params, views;
-    int64_t elements = 0;
-    torch::Tensor flat;
+    int64_t elements = 0, padded = 0;  // padded: the flat's length (Communication::pad_to)
+    torch::Tensor flat;                // none while released (ZeRO-2)
     std::vector<bool> ready;  // gradient complete for this step's communication
     size_t num_ready = 0;
     Pending pending;
-    void launch(const Group& dp) {
-      if (planted_bug("dp_average_twice")) flat.div_(dp.size);  // the "break it" exercise of chapter 1
-      pending = all_reduce_async(dp, flat, /*average=*/true);
+    void allocate() {  // the flat and each parameter's view of it
+      flat = torch::zeros({padded}, params[0].options());
+      views.clear();
+      int64_t offset = 0;
+      for (const auto& p : params) {
+        views.push_back(flat.narrow(0, offset, p.numel()).view_as(p));
+        offset += p.numel();
+      }
     }
-    void wait_and_rearm() {  // the all-reduce done, the bucket counts afresh
+    void release() {  // the gradients are gone: the next ones allocate afresh
+      for (auto& p : params) p.mutable_grad() = torch::Tensor();
+      views.clear();
+      flat = torch::Tensor();
+    }
+    void wait_and_rearm() {  // the communication done, the bucket counts afresh
       pending.wait();
       ready.assign(params.size(), false);
       num_ready = 0;
@@ -162,13 +208,21 @@ class BucketedDataParallel {
   };
   struct State {
     Group dp;
+    Communication how;
     std::vector<Bucket> buckets;
     bool sync = true;
     std::function<void(size_t, bool)> observer;  // see observe_this_step
     Inspect inspect;                              // see inspect_before_all_reduce
     void launch(size_t b) {
-      if (inspect) inspect(buckets[b].names, buckets[b].views);
-      buckets[b].launch(dp);
+      auto& bucket = buckets[b];
+      if (inspect) inspect(bucket.names, bucket.views);
+      if (how.launch) {
+        bucket.pending = how.launch(b, bucket.flat);
+      } else {
+        if (planted_bug("dp_average_twice")) bucket.flat.div_(dp.size);  // the "break it" exercise of chapter 1
+        bucket.pending = all_reduce_async(dp, bucket.flat, /*average=*/true);
+      }
+      if (how.release_after_launch) bucket.release();
       if (observer) observer(b, /*done=*/false);
     }
   };
@@ -207,17 +261,17 @@ class BucketedDataParallel {
   static void adopt(Bucket& bucket, size_t i, bool absent_is_zero) {
     torch::NoGradGuard no_grad;
     auto& p = bucket.params[i];
+    const auto grad = p.grad();
+    if (!grad.defined() && !absent_is_zero) return;
+    if (!bucket.flat.defined()) bucket.allocate();  // released (ZeRO-2): a fresh, zeroed bucket
     auto& view = bucket.views[i];
-    const auto& grad = p.grad();
     if (grad.defined() && grad.data_ptr() == view.data_ptr() && grad.sizes() == view.sizes()) return;
     if (grad.defined()) {
       require(grad.sizes() == view.sizes(), "BucketedDataParallel: the gradient of '{}' has shape {}, the parameter {}",
               bucket.names[i], c10::str(grad.sizes()), c10::str(view.sizes()));
       view.copy_(grad);
-    } else if (absent_is_zero) {
-      view.zero_();
     } else {
-      return;
+      view.zero_();
     }
     p.mutable_grad() = view;
   }

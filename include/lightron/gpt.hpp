@@ -154,6 +154,17 @@ struct MLP : torch::nn::Module {
   }
 };
 
+// What is applied to a model may wrap the forward of a block or of the whole GPT (zero3.hpp
+// gathers sharded weights around it): each wrapper gets the input and the forward it wraps.
+using Forward = std::function<torch::Tensor(const torch::Tensor&)>;
+using ForwardWrapper = std::function<torch::Tensor(const torch::Tensor&, const Forward&)>;
+inline torch::Tensor run_wrapped(const std::vector<ForwardWrapper>& wrappers, const Forward& plain, const torch::Tensor& x) {
+  if (wrappers.empty()) return plain(x);
+  Forward f = plain;
+  for (const auto& w : wrappers) f = [w, f](const torch::Tensor& in) { return w(in, f); };
+  return f(x);
+}
+
 struct Block : torch::nn::Module {
   std::shared_ptr<Norm> ln_1, ln_2;
   std::shared_ptr<Attention> attn;
@@ -164,8 +175,12 @@ struct Block : torch::nn::Module {
     ln_2 = register_module("ln_2", std::make_shared<Norm>(c.hidden_size, c.rms_norm(), c.norm_epsilon));
     mlp = register_module("mlp", std::make_shared<MLP>(c));
   }
+  std::vector<ForwardWrapper> wrappers;  // none unless applied (run_wrapped)
+  torch::Tensor forward(const torch::Tensor& x) {
+    return run_wrapped(wrappers, [this](const torch::Tensor& in) { return plain_forward(in); }, x);
+  }
   // [snippet: block_forward]
-  torch::Tensor forward(const torch::Tensor& x) {  // pre-norm residual block, (B, T, C)
+  torch::Tensor plain_forward(const torch::Tensor& x) {  // pre-norm residual block, (B, T, C)
     auto h = x + attn->forward(ln_1->forward(x));
     return h + mlp->forward(ln_2->forward(h));
   }
@@ -229,8 +244,12 @@ struct GPT : torch::nn::Module {
     return x;
   }
   torch::Tensor logits(const torch::Tensor& x) { return lm_head->forward(ln_f->forward(x)); }  // (B, T, V)
-  // [snippet: gpt_forward]
+  std::vector<ForwardWrapper> wrappers;  // none unless applied (run_wrapped)
   torch::Tensor forward(const torch::Tensor& ids) {
+    return run_wrapped(wrappers, [this](const torch::Tensor& in) { return plain_forward(in); }, ids);
+  }
+  // [snippet: gpt_forward]
+  torch::Tensor plain_forward(const torch::Tensor& ids) {
     auto x = embed(ids);
     x = run_blocks(blocks, x);
     return logits(x);

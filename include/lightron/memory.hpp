@@ -8,6 +8,7 @@
 // (activation_meter.hpp). Chapter 3.
 #pragma once
 
+#include "zero.hpp"               // plan_buckets, zero_units: ZeRO's padding
 #include "pipeline_schedule.hpp"  // pipeline_actions
 #include "recompute.hpp"          // RecomputeOptions
 #include "tp_model.hpp"
@@ -105,29 +106,60 @@ struct MemoryEstimate {
   int64_t activation_bytes = 0;  // estimate (measured: activation_meter.hpp)
 };
 
-// Memory of the rank at `coords` of `layout` (fp32 parameters, gradients and two AdamW moments).
+// Under ZeRO (zero.hpp), the elements of this rank's gradient buckets, each padded to a
+// multiple of dp (Ψ' >= Ψ): the trainer's own bucket plan, rebuilt from the shapes.
+inline int64_t zero_padded_elements(const std::vector<std::pair<std::string, int64_t>>& held, int64_t dp,
+                                    int64_t bucket_elements, const std::map<std::string, int64_t>& units) {
+  std::vector<int64_t> numels, unit;
+  for (const auto& [name, numel] : held) {
+    numels.push_back(numel);
+    unit.push_back(units.count(name) ? units.at(name) : -1);
+  }
+  int64_t padded = 0;
+  for (const auto& bucket : plan_buckets(numels, bucket_elements, unit)) {
+    int64_t elements = 0;
+    for (size_t k : bucket) elements += numels[k];
+    padded += (elements + dp - 1) / dp * dp;
+  }
+  return padded;
+}
+
+// Memory of the rank at `coords` of `layout` (fp32 parameters, gradients and two AdamW
+// moments; under ZeRO stage 1 or 2 the moments, and at 2 the gradients, divided by dp).
 inline MemoryEstimate estimate_memory(const GPTConfig& c, const Layout& layout, const Coords& coords,
                                       int64_t micro_batch, int64_t micro_batches, int64_t layers_per_virtual_stage,
-                                      const std::string& schedule, bool sequence_parallel,
-                                      const RecomputeOptions& recompute = {}) {
+                                      const std::string& schedule, bool sequence_parallel, int zero_stage = 0,
+                                      int64_t bucket_elements = 40000000, const RecomputeOptions& recompute = {}) {
   const int64_t p = layout.pp, tp = layout.tp, v = virtual_stages(c.num_layers, p, layers_per_virtual_stage);
+  const bool last = coords.pp == p - 1;
   MemoryEstimate m;
+  std::vector<std::pair<std::string, int64_t>> held;
   for (const auto& [name, shape] : parameter_shapes(c)) {
     if (!pp_rank_holds_parameter(name, c.num_layers, p, v, coords.pp, c.tied())) continue;
     int64_t numel = 1;
     for (int64_t d : shape) numel *= d;
-    m.parameters += tp_shard_spec(name, c).dim >= 0 ? numel / tp : numel;
+    held.emplace_back(name, tp_shard_spec(name, c).dim >= 0 ? numel / tp : numel);
+    m.parameters += held.back().second;
   }
   m.parameter_bytes = m.gradient_bytes = 4 * m.parameters;
   m.optimizer_bytes = 2 * 4 * m.parameters;
+  if (zero_stage > 0 && layout.dp > 1) {  // [snippet: zero_memory]
+    std::vector<std::string> names;
+    for (const auto& [name, numel] : held) names.push_back(name);
+    const bool tied_here = c.tied() && p > 1 && (coords.pp == 0 || last);
+    const int64_t padded = zero_padded_elements(held, layout.dp, bucket_elements, zero_units(names, zero_stage, tied_here));
+    if (zero_stage == 3) m.parameter_bytes = 4 * padded / layout.dp;  // Ψ' = Σ buckets padded to dp
+    m.gradient_bytes = zero_stage == 1 ? 4 * padded : 4 * padded / layout.dp;
+    m.optimizer_bytes = 2 * 4 * padded / layout.dp;
+  }  // [end snippet: zero_memory]
   // [snippet: activation_in_flight]
   std::vector<int64_t> chunk_bytes, sent;  // one micro-batch's forward of each chunk held here
   const auto chunks = chunk_layers(c.num_layers, p * v);
   for (int64_t k = 0; k < v; ++k) {
-    const bool last = k * p + coords.pp == p * v - 1;
+    const bool last_chunk = k * p + coords.pp == p * v - 1;
     chunk_bytes.push_back(chunk_activation_bytes(c, micro_batch, tp, sequence_parallel, recompute,
-                                                 int64_t(chunks[k * p + coords.pp].size()), last));
-    sent.push_back(last ? 0 : 4 * micro_batch * c.seq_length / (sequence_parallel ? tp : 1) * c.hidden_size);
+                                                 int64_t(chunks[k * p + coords.pp].size()), last_chunk));
+    sent.push_back(last_chunk ? 0 : 4 * micro_batch * c.seq_length / (sequence_parallel ? tp : 1) * c.hidden_size);
   }
   m.activation_bytes = p == 1 ? chunk_bytes[0] : peak_held_bytes(schedule, micro_batches, p, v, coords.pp, chunk_bytes, sent);
   // [end snippet: activation_in_flight]

@@ -104,6 +104,8 @@ struct AdamW {
     std::string name;
     torch::Tensor param, exp_avg, exp_avg_sq;
     bool decay;
+    torch::Tensor grad;  // none: param.grad() (ZeRO, zero.hpp: a slice of the gradient shard)
+    torch::Tensor gradient() const { return grad.defined() ? grad : param.grad(); }
   };
   std::vector<Slot> slots;
   int64_t step_count = 0;
@@ -112,7 +114,7 @@ struct AdamW {
   AdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named_params, const TrainConfig& t)
       : beta1(t.adam_beta1), beta2(t.adam_beta2), eps(t.adam_eps), weight_decay(t.weight_decay) {
     for (const auto& [name, p] : named_params)
-      slots.push_back({name, p, torch::zeros_like(p), torch::zeros_like(p), p.dim() >= 2});
+      slots.push_back({name, p, torch::zeros_like(p), torch::zeros_like(p), p.dim() >= 2, {}});
   }
 
   void step(double lr) {
@@ -121,9 +123,9 @@ struct AdamW {
     for (const bool decay : {true, false}) {  // matrices are decayed; biases and norms are not
       std::vector<torch::Tensor> p, g, m, v;
       for (auto& s : slots)
-        if (s.decay == decay && s.param.grad().defined()) {
+        if (s.decay == decay && s.gradient().defined()) {
           p.push_back(s.param);
-          g.push_back(s.param.grad());
+          g.push_back(s.gradient());
           m.push_back(s.exp_avg);
           v.push_back(s.exp_avg_sq);
         }
@@ -176,37 +178,54 @@ inline std::vector<torch::Tensor> parameters_of(const std::vector<std::pair<std:
 
 // Σ‖g‖² over the given gradients: a 0-dim fp64 tensor on their device, so that a GPU step
 // need not wait for it (read it with .item() after the optimizer step, for logging).
+inline torch::Tensor sq_norm(const std::vector<torch::Tensor>& tensors) {
+  if (tensors.empty()) return torch::zeros({}, torch::kDouble);
+  return torch::stack(at::_foreach_norm(tensors)).to(torch::kDouble).pow(2).sum();
+}
 inline torch::Tensor grad_sq_norm(const std::vector<torch::Tensor>& params) {
   std::vector<torch::Tensor> grads;
   for (const auto& p : params)
     if (p.grad().defined()) grads.push_back(p.grad());
-  if (grads.empty()) return torch::zeros({}, torch::kDouble);
-  return torch::stack(at::_foreach_norm(grads)).to(torch::kDouble).pow(2).sum();
+  return sq_norm(grads);
 }
 
 // Σ‖g‖² of this rank's share of a model split over tp ranks, so that summing the results over
 // the tp group counts every parameter once: a shard counts on every rank (the squares of the
 // pieces add up to the full tensor's), a replicated parameter on tp rank 0 only.
+inline std::set<std::string> tp_share(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
+                                      const std::set<std::string>& sharded, int64_t tp_rank) {
+  std::set<std::string> counted;
+  for (const auto& [name, p] : named_params)
+    if (tp_rank == 0 || sharded.count(name)) counted.insert(name);
+  return counted;
+}
+// Σ‖g‖² over the parameters named in `counted`.
+inline torch::Tensor grad_sq_norm(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
+                                  const std::set<std::string>& counted) {
+  std::vector<torch::Tensor> params;
+  for (const auto& [name, p] : named_params)
+    if (counted.count(name)) params.push_back(p);
+  return grad_sq_norm(params);
+}
 inline torch::Tensor tp_share_grad_sq_norm(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
                                            const std::set<std::string>& sharded, int64_t tp_rank) {
-  std::vector<torch::Tensor> counted;
-  for (const auto& [name, p] : named_params)
-    if (tp_rank == 0 || sharded.count(name)) counted.push_back(p);
-  return grad_sq_norm(counted);
+  return grad_sq_norm(named_params, tp_share(named_params, sharded, tp_rank));
 }
 
 // [snippet: clip]
 // Scales every gradient by min(1, max_norm / total_norm) (0 disables clipping).
-inline void clip_grads(const std::vector<torch::Tensor>& params, const torch::Tensor& total_norm, double max_norm) {
-  if (max_norm <= 0) return;
+inline void clip_gradients(std::vector<torch::Tensor> grads, const torch::Tensor& total_norm, double max_norm) {
+  if (max_norm <= 0 || grads.empty()) return;
   torch::NoGradGuard no_grad;
-  std::vector<torch::Tensor> grads;
-  for (const auto& p : params)
-    if (p.grad().defined()) grads.push_back(p.grad());
-  if (grads.empty()) return;
   scale_tensors(grads, (max_norm / (total_norm + 1e-6)).clamp_max(1.0).to(grads[0].scalar_type()));
 }
 // [end snippet: clip]
+inline void clip_grads(const std::vector<torch::Tensor>& params, const torch::Tensor& total_norm, double max_norm) {
+  std::vector<torch::Tensor> grads;
+  for (const auto& p : params)
+    if (p.grad().defined()) grads.push_back(p.grad());
+  clip_gradients(grads, total_norm, max_norm);
+}
 
 // Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's
 // 12·L·C·T (the two T×T matrix products, forward and backward), as nanoGPT and PaLM count.

@@ -15,12 +15,14 @@
 #include "recompute.hpp"
 #include "tp_model.hpp"
 #include "train.hpp"
+#include "zero3.hpp"
 
 namespace lightron {
 
 struct ParallelOptions {
   std::string ddp_impl = "bucketed";   // naive | bucketed
   int64_t ddp_bucket_size = 40000000;  // elements
+  std::string sharding = "no_shard";   // no_shard | optim | optim_grads | optim_grads_params: ZeRO-1/2/3
   bool sequence_parallel = false;
   std::string pipeline_schedule = "1f1b";  // 1f1b | afab
   int64_t layers_per_virtual_stage = 0;    // > 0: interleaved 1f1b
@@ -35,6 +37,8 @@ class Trainer {
           const ProcessGroups& groups)
       : train_(train), options_(options), groups_(groups) {
     const auto& l = groups.layout;
+    require(zero_stage(options.sharding) < 3 || l.pp == 1, "--data-parallel-sharding-strategy optim_grads_params "
+            "(ZeRO-3) needs --pipeline-model-parallel-size 1, got {}", l.pp);
     validate_pipeline(model_config.num_layers, l.pp, options.layers_per_virtual_stage,
                       train.accumulation_steps(l.dp), options.pipeline_schedule);
     const int64_t chunks = l.pp * virtual_stages(model_config.num_layers, l.pp, options.layers_per_virtual_stage);
@@ -53,11 +57,21 @@ class Trainer {
     named_params = named_parameters_of(*model);  // this rank's: so is the optimizer state
     params = parameters_of(named_params);
     tp_info.sequence_parallel_params = held_here(tp_info.sequence_parallel_params, params);
-    optimizer = std::make_unique<AdamW>(named_params, train);
-    if (options.ddp_impl == "bucketed" && groups.dp.size > 1)  // dp: buckets overlapped with backward
+    if (const int zero = zero_stage(options.sharding); zero > 0 && groups.dp.size > 1) {  // ZeRO: 1/dp of the state each
+      std::vector<std::string> names;
+      for (const auto& [name, p] : named_params) names.push_back(name);
+      const auto units = zero_units(names, zero, stage.holds_tied_embedding());
+      distributed = std::make_unique<DistributedOptimizer>(named_params, groups.dp, train, zero, options.ddp_bucket_size, units);
+      ddp = std::make_unique<BucketedDataParallel>(named_params, groups.dp, options.ddp_bucket_size,
+                                                   distributed->communication());
+      if (zero == 3) sharded_weights = ShardedWeights::apply(*model, *distributed, groups.dp);  // weights too
+    } else if (options.ddp_impl == "bucketed" && groups.dp.size > 1) {  // dp: buckets overlapped with backward
+      optimizer = std::make_unique<AdamW>(named_params, train);
       ddp = std::make_unique<BucketedDataParallel>(named_params, groups.dp, options.ddp_bucket_size);
-    else
+    } else {
+      optimizer = std::make_unique<AdamW>(named_params, train);
       for (auto& p : params) p.mutable_grad() = torch::zeros_like(p);
+    }
     // [end snippet: trainer_compose]
     guard = std::make_unique<UpdateGuard>(train.check_for_nan_in_loss_and_grad, train.skip_spike_factor,
                                           train.skip_spike_window);
@@ -69,26 +83,30 @@ class Trainer {
   // averaged over the whole global batch (the same number on every rank).
   double step(const std::vector<Batch>& micro_batches, int64_t iteration) {
     // [snippet: trainer_step]
-    optimizer->zero_grad(/*set_to_none=*/!ddp);
+    if (distributed) distributed->zero_grad();
+    else optimizer->zero_grad(/*set_to_none=*/!ddp);
     guard->start_step(iteration);
     auto loss = forward_backward(to_device(micro_batches));  // pp: the schedule; tp: inside the layers
     const auto own_loss = stage.pp_rank + 1 == stage.pp_size ? loss : torch::Tensor();  // pp: the last stage's
     guard->note_own_numbers(own_loss, named_params, bool(ddp));  // guards: before any reduction mixes them
-    if (ddp) ddp->finish();                                  // dp: the buckets' all-reduces, waited for
+    if (ddp) ddp->finish();  // dp: the buckets' all-reduces (ZeRO: reduce-scatters), waited for
     else if (groups_.dp.size > 1) all_reduce_gradients(params, groups_.dp);  // dp: one all-reduce each
-    if (!planted_bug("skip_sp_grad_all_reduce"))
-      for (auto& p : tp_info.sequence_parallel_params) all_reduce(groups_.tp, p.grad());  // tp: SP replicas
+    if (!planted_bug("skip_sp_grad_all_reduce")) sum_over(groups_.tp, tp_info.sequence_parallel_params);  // tp: SP replicas
     if (stage.holds_tied_embedding() && !planted_bug("skip_embedding_all_reduce"))
-      all_reduce(groups_.embedding, model->wte->weight.grad());  // embedding: first + last stage
+      sum_over(groups_.embedding, {model->wte->weight});  // embedding: first + last stage
     all_reduce(groups_.dp, loss, /*average=*/true);  // dp: the loss of the global batch
-    auto sq = tp_share_grad_sq_norm(stage.counted_once(named_params), tp_info.sharded, groups_.tp.rank);
+    const auto counted = tp_share(stage.counted_once(named_params), tp_info.sharded, groups_.tp.rank);
+    auto sq = distributed ? distributed->grad_sq_norm(counted) : grad_sq_norm(named_params, counted);
     sq = sq.to(options_.device);
+    if (distributed) all_reduce(groups_.dp, sq);  // ZeRO: each dp rank its slices
     all_reduce(groups_.tp, sq);  // tp: the shards of a layer add up
     all_reduce(groups_.pp, sq);  // pp: each stage its own layers
     const auto norm = sq.sqrt();  // stays on the device: no wait before the update (unless guarded)
     updated = !guard->checks_anything() ||  // guards: a NaN/inf stops every rank, a spike skips the update
               guard->allow_update(loss.item<double>(), norm.item<double>(), iteration, groups_.world);
-    if (updated) {
+    if (updated && distributed) {
+      distributed->step(lr_at(train_, iteration), norm, train_.clip_grad);  // ZeRO: update the slices, all-gather
+    } else if (updated) {
       clip_grads(params, norm, train_.clip_grad);
       optimizer->step(lr_at(train_, iteration));
     }
@@ -123,7 +141,11 @@ class Trainer {
   std::unique_ptr<PipelineEngine> engine;
   std::vector<std::pair<std::string, torch::Tensor>> named_params;
   std::vector<torch::Tensor> params;
-  std::unique_ptr<AdamW> optimizer;
+  std::unique_ptr<AdamW> optimizer;                  // null under ZeRO: then
+  std::unique_ptr<DistributedOptimizer> distributed;  // holds this rank's slices of the AdamW state
+  std::shared_ptr<ShardedWeights> sharded_weights;   // ZeRO-3: gathers the weights block by block
+  // While it lives every weight is whole (no-op unless ZeRO-3): checkpoints, samples, hashes.
+  WholeWeights whole_weights() { return WholeWeights(sharded_weights); }
   std::unique_ptr<BucketedDataParallel> ddp;
   std::unique_ptr<UpdateGuard> guard;  // NaN/inf and spikes (guards.hpp); on the heap: ddp's hook points at it
   double grad_norm = 0;
@@ -154,6 +176,11 @@ class Trainer {
     return total;
   }
 
+  // Sums the gradients of parameters replicated over `g` (whole, or ZeRO's slices of them).
+  void sum_over(const Group& g, const std::vector<torch::Tensor>& shared) {
+    if (distributed) return distributed->sum_over(g, shared);
+    for (const auto& p : shared) all_reduce(g, p.grad());
+  }
   static std::vector<torch::Tensor> held_here(const std::vector<torch::Tensor>& some, const std::vector<torch::Tensor>& held) {
     std::vector<torch::Tensor> out;
     for (const auto& t : some)

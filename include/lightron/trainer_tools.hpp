@@ -15,6 +15,7 @@ namespace lightron {
 // stage by stage (pp); the last stage gathers the vocabulary (tp) and broadcasts it (pp).
 inline torch::Tensor full_logits(Trainer& trainer, torch::Tensor ids) {
   torch::NoGradGuard no_grad;
+  const auto weights = trainer.whole_weights();  // ZeRO-3
   const auto& o = trainer.options();
   const auto& g = trainer.groups();
   auto& stage = trainer.stage;
@@ -50,6 +51,7 @@ inline std::map<std::string, torch::Tensor> full_parameters(Trainer& trainer) {
   const auto& stage = trainer.stage;
   const auto& config = trainer.model->config;
   std::map<std::string, torch::Tensor> mine, out;
+  const auto weights = trainer.whole_weights();  // ZeRO-3
   for (auto& [name, p] : trainer.named_params) {
     if (!trainer.tp_info.sharded.count(name)) {
       mine[name] = p.detach().clone();
@@ -69,14 +71,26 @@ inline std::map<std::string, torch::Tensor> full_parameters(Trainer& trainer) {
   return out;
 }
 
-// Sharded checkpoints (checkpoint.hpp); load_checkpoint accepts any saving layout.
+// Sharded checkpoints (checkpoint.hpp); load_checkpoint accepts any saving layout. Under ZeRO
+// the AdamW state is gathered whole over dp for saving and sliced again after loading, so the
+// files are those of plain data parallelism.
 inline void save_checkpoint(const std::string& dir, CheckpointCounters counters, Trainer& trainer) {
-  save_checkpoint(dir, counters, checkpoint_model(trainer.model->config, trainer.stage.num_virtual), trainer.train_config(), *trainer.optimizer,
-                  trainer.groups());
+  const auto model = checkpoint_model(trainer.model->config, trainer.stage.num_virtual);
+  if (!trainer.distributed)
+    return save_checkpoint(dir, counters, model, trainer.train_config(), *trainer.optimizer, trainer.groups());
+  const auto weights = trainer.whole_weights();  // ZeRO-3: gathered while saving
+  const AdamW whole = trainer.distributed->consolidated(trainer.named_params, trainer.train_config());
+  save_checkpoint(dir, counters, model, trainer.train_config(), whole, trainer.groups());
 }
 inline CheckpointCounters load_checkpoint(const std::string& dir, Trainer& trainer, const LoadOptions& options = {}) {
-  return load_checkpoint(dir, options, checkpoint_model(trainer.model->config, trainer.stage.num_virtual), trainer.train_config(),
-                         *trainer.optimizer, trainer.groups());
+  const auto model = checkpoint_model(trainer.model->config, trainer.stage.num_virtual);
+  if (!trainer.distributed)
+    return load_checkpoint(dir, options, model, trainer.train_config(), *trainer.optimizer, trainer.groups());
+  const auto weights = trainer.whole_weights();  // ZeRO-3: gathered, to load into
+  AdamW whole(trainer.named_params, trainer.train_config());  // loads the weights in place, and the moments whole
+  const auto counters = load_checkpoint(dir, options, model, trainer.train_config(), whole, trainer.groups());
+  trainer.distributed->load_consolidated(whole);
+  return counters;
 }
 
 }  // namespace lightron
