@@ -33,6 +33,7 @@ IDEA_HEADERS = [
     ("process_groups.hpp", 1), ("collectives.hpp", 1), ("data_parallel.hpp", 1),
     ("sharding.hpp", 2), ("tensor_parallel.hpp", 2), ("vocab_parallel.hpp", 2), ("tp_model.hpp", 2),
     ("pipeline_parallel.hpp", 3), ("pipeline_schedule.hpp", 3), ("pipeline_engine.hpp", 3), ("memory.hpp", 3),
+    ("recompute.hpp", 3), ("activation_meter.hpp", 3),
     ("trainer.hpp", 4),
     ("checkpoint.hpp", 5),
     ("parity.hpp", 6),

@@ -18,6 +18,9 @@ lightron_mpi_test(mpi_pp_bubble_np4 4 ${T} --test-suite=mpi_pp_bubble)
 lightron_mpi_test(mpi_pp_tp_np4 4 ${T} --test-suite=mpi_pp_tp)
 lightron_mpi_test(mpi_pp_dp_np4 4 ${T} --test-suite=mpi_pp_dp)
 lightron_mpi_test(mpi_3d_np8 8 ${T} --test-suite=mpi_3d)
+# Activation recompute: bit-exact with none (tp 2 + SP, pp 2, dp 2; 2x2x2) and measured memory.
+lightron_mpi_test(mpi_recompute_np2 2 ${T} --test-suite=mpi_recompute_np2)
+lightron_mpi_test(mpi_recompute_np8 8 ${T} --test-suite=mpi_recompute_np8)
 
 # Chapter 7, ZeRO: parity with data parallelism, memory and communication equal to the formulas.
 lightron_mpi_test(mpi_zero_np2 2 ${T} --test-suite=mpi_zero)

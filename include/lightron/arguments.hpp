@@ -51,6 +51,8 @@ struct Arguments {
   std::string timeline_file;
   std::string tensorboard_dir;        // rank 0's TensorBoard event file; empty: none
   bool dry_run = false;
+  bool measure = false;               // with --dry-run: run one step per rank and measure activations
+  RecomputeOptions recompute;
   std::string device;  // cpu | cuda; empty: cuda when available
   bool bf16 = false;
   int64_t sample_tokens = 0;          // after training, print samples of this many tokens
@@ -123,6 +125,11 @@ inline Arguments parse_arguments(int argc, char** argv, const std::string& descr
   app.add_option("--device", a.device, "cpu or cuda (default: cuda when available)");
   app.add_flag("--bf16", a.bf16, "bf16 compute with fp32 master weights (CUDA)");
   app.add_flag("--dry-run", a.dry_run, "print each rank's memory for this layout and exit (one process)");
+  app.add_flag("--measure", a.measure, "with --dry-run: one step per rank (threads of this process), activations measured");
+  app.add_option("--recompute-granularity", a.recompute.granularity, "full or selective activation recompute");
+  app.add_option("--recompute-method", a.recompute.method, "uniform or block (full only; default uniform)");
+  app.add_option("--recompute-num-layers", a.recompute.num_layers,
+                 "blocks per group (uniform) or recomputed blocks per chunk (block); 0: 1 (uniform), all (block)");
   app.add_option("--vocab-size", a.vocab_size, "before padding; 0: the tokenizer's");
   app.add_option("--make-vocab-size-divisible-by", a.make_vocab_size_divisible_by);
   app.add_option("--data-path", a.data_path, "prefix of a .bin/.idx pair");
@@ -169,6 +176,7 @@ inline ParallelOptions parallel_options(const Arguments& a) {
   o.pipeline_schedule = a.pipeline_schedule;
   o.layers_per_virtual_stage = a.num_layers_per_virtual_pipeline_stage;
   o.bf16 = a.bf16;
+  o.recompute = a.recompute;
   return o;
 }
 
@@ -284,6 +292,9 @@ inline void validate_arguments(Arguments& a, int64_t world_size) {
   require(!a.sequence_parallel || a.layout.tp > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1");
   validate_pipeline(a.model.num_layers, a.layout.pp, a.num_layers_per_virtual_pipeline_stage,
                     a.train.accumulation_steps(a.layout.dp), a.pipeline_schedule);
+  const int64_t v = virtual_stages(a.model.num_layers, a.layout.pp, a.num_layers_per_virtual_pipeline_stage);
+  validate_recompute(a.recompute, a.model.num_layers / (a.layout.pp * v));  // blocks per model chunk
+  require(!a.measure || a.dry_run, "--measure needs --dry-run (it measures each rank of the layout in one process)");
 }
 
 // --dry-run: the memory of every rank of the layout, from the flags alone.
@@ -292,7 +303,8 @@ inline void print_dry_run(const Arguments& a) {
          "per rank{}\n", a.layout.tp, a.layout.cp, a.layout.dp, a.layout.pp, a.train.micro_batch_size,
          a.train.accumulation_steps(a.layout.dp), a.layout.pp > 1 ? a.pipeline_schedule : "none",
          virtual_stages(a.model.num_layers, a.layout.pp, a.num_layers_per_virtual_pipeline_stage),
-         a.sharding == "no_shard" ? "" : ", sharding " + a.sharding);
+         std::string(a.sharding == "no_shard" ? "" : ", sharding " + a.sharding) +
+             (a.recompute.granularity.empty() ? "" : ", recompute " + a.recompute.granularity));
   print0("{:>5} {:>4} {:>4} {:>4} {:>12} {:>12} {:>12} {:>12} {:>14} {:>12}\n", "rank", "tp", "dp", "pp", "parameters",
          "params MiB", "grads MiB", "adam MiB", "activ. MiB (~)", "total MiB");
   const double mib = 1024.0 * 1024.0;
@@ -300,7 +312,7 @@ inline void print_dry_run(const Arguments& a) {
     const Coords c = coords_of(r, a.layout);
     const auto m = estimate_memory(a.model, a.layout, c, a.train.micro_batch_size, a.train.accumulation_steps(a.layout.dp),
                                    a.num_layers_per_virtual_pipeline_stage, a.pipeline_schedule, a.sequence_parallel,
-                                   zero_stage(a.sharding), a.ddp_bucket_size);
+                                   zero_stage(a.sharding), a.ddp_bucket_size, a.recompute);
     const double total = double(m.parameter_bytes + m.gradient_bytes + m.optimizer_bytes + m.activation_bytes);
     print0("{:>5} {:>4} {:>4} {:>4} {:>12} {:>12.2f} {:>12.2f} {:>12.2f} {:>14.2f} {:>12.2f}\n", r, c.tp, c.dp, c.pp,
            m.parameters, m.parameter_bytes / mib, m.gradient_bytes / mib, m.optimizer_bytes / mib,

@@ -17,6 +17,7 @@
 #include "gpt_config.hpp"  // GPTConfig, validate_model_config
 
 #include <cmath>   // sqrt
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -103,6 +104,8 @@ struct Attention : torch::nn::Module {
   int64_t num_heads, num_groups, head_dim;      // heads and groups held here (H/tp, G/tp under TP)
   bool rope;
   double rotary_base;
+  // softmax(q kᵀ / sqrt(D)) v; recompute.hpp swaps in a recomputed one (selective recompute).
+  std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&)> core = causal_attention;
   explicit Attention(const GPTConfig& c)
       : num_heads(c.num_attention_heads), num_groups(c.query_groups()), head_dim(c.head_dim()),
         rope(c.rope()), rotary_base(c.rotary_base) {
@@ -125,7 +128,7 @@ struct Attention : torch::nn::Module {
       k = k.repeat_interleave(num_heads / num_groups, /*dim=*/1);  // (B, G, T, D) -> (B, H, T, D)
       v = v.repeat_interleave(num_heads / num_groups, /*dim=*/1);
     }
-    auto y = causal_attention(q, k, v).transpose(1, 2).reshape({B, T, num_heads * head_dim});  // (B, T, H D)
+    auto y = core(q, k, v).transpose(1, 2).reshape({B, T, num_heads * head_dim});  // (B, T, H D)
     return c_proj->forward(y);  // (B, T, C)
   }
 };
@@ -184,6 +187,12 @@ struct Block : torch::nn::Module {
   // [end snippet: block_forward]
 };
 
+// Blocks one after the other: x -> block_0 -> block_1 -> ...
+inline torch::Tensor run_in_order(const std::vector<std::shared_ptr<Block>>& blocks, torch::Tensor x) {
+  for (auto& block : blocks) x = block->forward(x);
+  return x;
+}
+
 // Cross-entropy averaged over all B·T tokens, in fp32. logits (B, T, V), labels (B, T). log_softmax
 // upcasts as it reads: no fp32 copy of bf16 logits, and its backward returns bf16 directly.
 inline torch::Tensor cross_entropy_loss(const torch::Tensor& logits, const torch::Tensor& labels) {
@@ -199,6 +208,8 @@ struct GPT : torch::nn::Module {
   std::shared_ptr<LinearLayer> lm_head;  // TiedLinear (not registered) or Linear
   // (logits, labels) -> mean loss; tensor_parallel.hpp swaps in the vocab-parallel one.
   std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)> loss_fn = cross_entropy_loss;
+  // Runs a run of blocks; recompute.hpp swaps in one that keeps fewer activations (full recompute).
+  std::function<torch::Tensor(const std::vector<std::shared_ptr<Block>>&, torch::Tensor)> run_blocks = run_in_order;
 
   explicit GPT(const GPTConfig& c) : config(c) {
     validate_model_config(c);
@@ -240,7 +251,7 @@ struct GPT : torch::nn::Module {
   // [snippet: gpt_forward]
   torch::Tensor plain_forward(const torch::Tensor& ids) {
     auto x = embed(ids);
-    for (auto& block : blocks) x = block->forward(x);
+    x = run_blocks(blocks, x);
     return logits(x);
   }
   // [end snippet: gpt_forward]

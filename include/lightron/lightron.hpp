@@ -29,6 +29,8 @@
 #include "checkpoint_check.hpp"   // what a checkpoint may claim, NaN      (chapter 5)
 #include "checkpoint_load.hpp"    // load under any layout (resharding)    (chapter 5)
 #include "hf_export.hpp"          // HuggingFace GPT-2 / Llama directories (chapter 5)
+#include "activation_meter.hpp"   // activation bytes measured per rank    (chapter 3)
+#include "recompute.hpp"          // full and selective recomputation      (chapter 3)
 #include "memory.hpp"             // per-rank memory before allocating     (chapter 3)
 #include "guards.hpp"             // NaN/inf, loss spikes, early exit      (chapter 5)
 #include "trainer.hpp"            // one training step for any layout      (chapter 4)

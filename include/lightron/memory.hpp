@@ -2,12 +2,15 @@
 // allocated (`pretrain_gpt --dry-run`). Parameters, gradients and AdamW state are exact:
 // the parameters are enumerated from the config, split by tp_shard_spec and assigned to
 // pipeline ranks by pp_rank_holds_parameter, as the run itself does (a test checks the equality).
-// Activations are an estimate: the tensors autograd keeps per layer and micro-batch, times
-// the micro-batches a schedule holds in flight (chunks_in_flight). Chapter 3.
+// Activations are an estimate: the tensors lightron's layers keep for backward per block and
+// micro-batch (fewer with recompute), walked through the schedule's forwards and backwards
+// to find the most a rank holds at once; tests compare it with what a rank measurably holds
+// (activation_meter.hpp). Chapter 3.
 #pragma once
 
 #include "zero.hpp"               // plan_buckets, zero_units: ZeRO's padding
-#include "pipeline_schedule.hpp"  // chunks_in_flight
+#include "pipeline_schedule.hpp"  // pipeline_actions
+#include "recompute.hpp"          // RecomputeOptions
 #include "tp_model.hpp"
 
 namespace lightron {
@@ -40,10 +43,67 @@ inline std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shape
   return out;
 }
 
+// ---- activations: what one forward leaves alive for backward, tensor by tensor ----------
+// Counted as lightron's layers save them (fp32; B micro-batch, T sequence, C hidden, H heads,
+// D head size, F MLP size, t = tp, s = t with sequence parallel else 1). Tensors of a few
+// elements per token (norm statistics, masks of ids) and the T² causal mask are left out.
+constexpr int64_t kCpuRngStateBytes = 5056;  // the CPU generator's state, kept per recomputed region
+
+// A norm that feeds a linear layer keeps the linear's input (B, T, C) — its output, or with
+// sequence parallel the all-gathered output — plus, for RMSNorm, x·rsqrt(mean(x²)) and x²
+// (B, T/s, C) each (LibTorch 1.13's mean keeps its input for backward).
+inline int64_t norm_elements(const GPTConfig& c, int64_t BT, int64_t s) {
+  return BT * c.hidden_size + (c.rms_norm() ? 2 * BT / s * c.hidden_size : 0);
+}
+
+// One block, elements: two norms; the residual sum and the output (B, T/s, C); the attention
+// core's q, k, v and its output (B, T, C/t each) and softmax (B, H/t, T, T); RoPE's cos and
+// sin tables; the MLP's hidden activations (GELU: 2F, SwiGLU: 4F per token, split by t).
+inline int64_t block_elements(const GPTConfig& c, int64_t BT, int64_t t, int64_t s, bool selective) {
+  const int64_t T = c.seq_length, B = BT / T, C = c.hidden_size, H = c.num_attention_heads / t;
+  const int64_t HD = C / t, GD = c.query_groups() / t * c.head_dim();
+  const bool gqa = c.query_groups() != c.num_attention_heads;
+  int64_t qkv = 3 * HD;  // as the core's matmuls save them (copies where not contiguous)
+  if (selective)         // the core's inputs themselves; views of c_attn's output keep it all
+    qkv = (!c.rope() || !gqa ? HD + 2 * GD : 0) + (c.rope() ? HD : 0) + (gqa ? 2 * HD : c.rope() ? GD : 0);
+  const int64_t attention = BT * (qkv + HD) + (selective ? 0 : B * H * T * T) + (c.rope() ? 4 * T * c.head_dim() : 0);
+  const int64_t mlp = BT * (c.swiglu ? 4 : 2) * c.ffn() / t;
+  return 2 * norm_elements(c, BT, s) + 2 * BT / s * C + attention + mlp;
+}
+
+// One micro-batch's forward of a model chunk of `layers` blocks, bytes: its input (B, T/s, C),
+// its blocks as recompute keeps them, and on the last chunk the final norm and the loss's
+// (B, T, V/t) fp32 log-probabilities (softmax under tp).
+inline int64_t chunk_activation_bytes(const GPTConfig& c, int64_t micro_batch, int64_t t, bool sequence_parallel,
+                                      const RecomputeOptions& r, int64_t layers, bool last) {
+  const int64_t BT = micro_batch * c.seq_length, s = sequence_parallel ? t : 1, C = c.hidden_size;
+  const int64_t block = 4 * block_elements(c, BT, t, s, r.selective()) + (r.selective() ? kCpuRngStateBytes : 0);
+  const int64_t kept_input = 4 * BT / s * C + kCpuRngStateBytes;  // a full-recompute region's output
+  int64_t bytes = 4 * BT / s * C;
+  if (!r.full()) bytes += layers * block;
+  else if (r.uniform()) bytes += (layers + r.group(layers) - 1) / r.group(layers) * kept_input;
+  else bytes += r.group(layers) * kept_input + (layers - r.group(layers)) * block;
+  if (last) bytes += 4 * (norm_elements(c, BT, s) + BT * c.vocab_size / t);
+  return bytes;
+}
+
+// The most bytes pipeline rank s holds at once, walking its actions as the engine runs them:
+// a forward adds its chunk's bytes; a backward frees them, except the output the forward sent
+// on (`sent`: 0 for the last chunk), which its send holds until the step ends.
+inline int64_t peak_held_bytes(const std::string& schedule, int64_t m, int64_t p, int64_t v, int64_t s,
+                               const std::vector<int64_t>& chunk_bytes, const std::vector<int64_t>& sent) {
+  int64_t held = 0, peak = 0;
+  for (const auto& a : pipeline_actions(schedule, m, p, v, s)) {
+    held += a.forward ? chunk_bytes[a.chunk] : sent[a.chunk] - chunk_bytes[a.chunk];
+    peak = std::max(peak, held);
+  }
+  return peak;
+}
+
 struct MemoryEstimate {
   int64_t parameters = 0;        // elements held by this rank
   int64_t parameter_bytes = 0, gradient_bytes = 0, optimizer_bytes = 0;  // exact
-  int64_t activation_bytes = 0;  // estimate
+  int64_t activation_bytes = 0;  // estimate (measured: activation_meter.hpp)
 };
 
 // Under ZeRO (zero.hpp), the elements of this rank's gradient buckets, each padded to a
@@ -69,7 +129,7 @@ inline int64_t zero_padded_elements(const std::vector<std::pair<std::string, int
 inline MemoryEstimate estimate_memory(const GPTConfig& c, const Layout& layout, const Coords& coords,
                                       int64_t micro_batch, int64_t micro_batches, int64_t layers_per_virtual_stage,
                                       const std::string& schedule, bool sequence_parallel, int zero_stage = 0,
-                                      int64_t bucket_elements = 40000000) {
+                                      int64_t bucket_elements = 40000000, const RecomputeOptions& recompute = {}) {
   const int64_t p = layout.pp, tp = layout.tp, v = virtual_stages(c.num_layers, p, layers_per_virtual_stage);
   const bool last = coords.pp == p - 1;
   MemoryEstimate m;
@@ -94,24 +154,16 @@ inline MemoryEstimate estimate_memory(const GPTConfig& c, const Layout& layout, 
     m.optimizer_bytes = 2 * 4 * padded / layout.dp;
   }
   // [end snippet: zero_memory]
-  // Kept for backward per layer and micro-batch (fp32 elements): about 10 activations of
-  // B·T·C (norms, residuals, projections; split by tp under sequence parallel), q, k, v
-  // and the MLP's input/output (split by tp), and two (B, H/tp, T, T) attention matrices.
-  const int64_t B = micro_batch, T = c.seq_length, C = c.hidden_size, H = c.num_attention_heads;
-  const int64_t fc = c.swiglu ? 3 * c.ffn() : 2 * c.ffn();
-  const int64_t per_layer = B * T * (10 * C / (sequence_parallel ? tp : 1) + (2 * c.qkv_size() + fc) / tp) +
-                            2 * B * (H / tp) * T * T;
-  // Chunks whose activations are held at once, as the schedule runs them (one micro-batch
-  // at a time without a pipeline).
   // [snippet: activation_in_flight]
-  const int64_t in_flight = p == 1 ? 1 : chunks_in_flight(schedule, micro_batches, p, v, coords.pp);
+  std::vector<int64_t> chunk_bytes, sent;  // one micro-batch's forward of each chunk held here
   const auto chunks = chunk_layers(c.num_layers, p * v);
-  int64_t layers = 0;
-  for (int64_t k = 0; k < v; ++k) layers += int64_t(chunks[k * p + coords.pp].size());
-  const int64_t held_layers = p == 1 || v == 1 ? layers * in_flight : c.num_layers / (p * v) * in_flight;
-  // ... plus the output layer's fp32 logits (B·T·V/tp) on the last stage.
-  const int64_t logits = last ? B * T * c.vocab_size / tp : 0;
-  m.activation_bytes = 4 * (per_layer * held_layers + logits);
+  for (int64_t k = 0; k < v; ++k) {
+    const bool last_chunk = k * p + coords.pp == p * v - 1;
+    chunk_bytes.push_back(chunk_activation_bytes(c, micro_batch, tp, sequence_parallel, recompute,
+                                                 int64_t(chunks[k * p + coords.pp].size()), last_chunk));
+    sent.push_back(last_chunk ? 0 : 4 * micro_batch * c.seq_length / (sequence_parallel ? tp : 1) * c.hidden_size);
+  }
+  m.activation_bytes = p == 1 ? chunk_bytes[0] : peak_held_bytes(schedule, micro_batches, p, v, coords.pp, chunk_bytes, sent);
   // [end snippet: activation_in_flight]
   return m;
 }

@@ -9,6 +9,7 @@
 // timeline; the bubble is measured from it and replayed from its CPU costs. Chapter 3.
 #pragma once
 
+#include "activation_meter.hpp"  // CountAllocations: the bytes a forward leaves for backward
 #include "data.hpp"  // Batch: a micro-batch of token ids and labels
 #include "data_parallel.hpp"  // BucketedDataParallel: buckets launched during the last backward
 #include "pipeline_schedule.hpp"
@@ -119,6 +120,7 @@ class PipelineEngine {
 
   std::vector<PipelineEvent> timeline;
   int64_t peak_in_flight = 0;  // micro-batches whose activations were held at once
+  int64_t peak_activation_bytes = 0;  // measured (with CountingCPUAllocator installed), else 0
   double step_seconds = 0;
 
  private:
@@ -129,7 +131,7 @@ class PipelineEngine {
     outputs_ = inputs_;
     total_ = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(micro.at(0).tokens.device()));
     timeline.clear();
-    in_flight_ = peak_in_flight = 0;
+    in_flight_ = peak_in_flight = peak_activation_bytes = 0;
     barrier(g_.pp);
     clock_.reset();
     schedule_ = schedule;
@@ -164,6 +166,7 @@ class PipelineEngine {
   void forward(const PipelineAction& a, const std::vector<Batch>& micro, int64_t m, bool train) {
     const auto& batch = micro[a.micro_batch];
     const int64_t gc = stage_.global_chunk(a.chunk);
+    CountAllocations count(activations_);  // what this forward leaves alive for backward
     torch::Tensor x = batch.tokens;
     if (!stage_.is_first_chunk(a.chunk)) {
       auto shape = torch::empty({batch.tokens.size(0), batch.tokens.size(1) / seq_divisor_, hidden_},
@@ -181,6 +184,7 @@ class PipelineEngine {
     inputs_[a.chunk][a.micro_batch] = x;
     outputs_[a.chunk][a.micro_batch] = y;
     peak_in_flight = std::max(peak_in_flight, ++in_flight_);
+    peak_activation_bytes = std::max(peak_activation_bytes, activations_->settled());
   }
   // [end snippet: engine_forward]
 
@@ -213,6 +217,7 @@ class PipelineEngine {
   std::vector<Pending> sends_;
   torch::Tensor total_;
   int64_t in_flight_ = 0;
+  std::shared_ptr<ActivationCounter> activations_ = std::make_shared<ActivationCounter>();
   Timer clock_;
   std::string schedule_;
   std::shared_ptr<int> alive_ = std::make_shared<int>(0);  // expires with the engine (see run)

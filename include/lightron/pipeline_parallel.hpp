@@ -91,8 +91,9 @@ struct PipelineStage {
   torch::Tensor forward_chunk(int64_t c, const torch::Tensor& input) {
     AutocastGuard autocast(bf16);
     auto x = is_first_chunk(c) ? model->embed(input) : input;  // (B, T, C)
-    for (int64_t layer : chunks[c]) x = model->blocks[layer]->forward(x);
-    return x;
+    std::vector<std::shared_ptr<Block>> blocks;
+    for (int64_t layer : chunks[c]) blocks.push_back(model->blocks[layer]);
+    return model->run_blocks(blocks, x);
   }
   torch::Tensor loss(const torch::Tensor& x, const torch::Tensor& labels) {
     AutocastGuard autocast(bf16);

@@ -12,6 +12,7 @@
 #include "data_parallel.hpp"
 #include "guards.hpp"
 #include "pipeline_engine.hpp"
+#include "recompute.hpp"
 #include "tp_model.hpp"
 #include "train.hpp"
 #include "zero3.hpp"
@@ -27,6 +28,7 @@ struct ParallelOptions {
   int64_t layers_per_virtual_stage = 0;    // > 0: interleaved 1f1b
   torch::Device device = torch::kCPU;      // cuda: NCCL groups, this rank's GPU
   bool bf16 = false;                       // bf16 compute, fp32 master weights, grads and Adam
+  RecomputeOptions recompute;              // full | selective activation recomputation
 };
 
 class Trainer {
@@ -39,6 +41,8 @@ class Trainer {
             "(ZeRO-3) needs --pipeline-model-parallel-size 1, got {}", l.pp);
     validate_pipeline(model_config.num_layers, l.pp, options.layers_per_virtual_stage,
                       train.accumulation_steps(l.dp), options.pipeline_schedule);
+    const int64_t chunks = l.pp * virtual_stages(model_config.num_layers, l.pp, options.layers_per_virtual_stage);
+    validate_recompute(options.recompute, model_config.num_layers / chunks);  // blocks per model chunk
     // [snippet: trainer_compose]
     torch::manual_seed(train.seed);
     model = std::make_shared<GPT>(model_config);  // whole, from the seed: every layout starts here
@@ -46,6 +50,7 @@ class Trainer {
     stage = apply_pipeline_parallel(model, groups.coords.pp, l.pp,                   // pp: keep this stage's
                                     virtual_stages(model_config.num_layers, l.pp, options.layers_per_virtual_stage));
     stage.bf16 = options.bf16;
+    apply_recompute(*model, options.recompute);  // recompute: fewer activations kept for backward
     model->to(options.device);  // after sharding: each rank moves only its part
     engine = std::make_unique<PipelineEngine>(stage, groups, model_config.hidden_size,
                                               options.sequence_parallel ? l.tp : 1);
@@ -145,20 +150,26 @@ class Trainer {
   std::unique_ptr<UpdateGuard> guard;  // NaN/inf and spikes (guards.hpp); on the heap: ddp's hook points at it
   double grad_norm = 0;
   bool updated = true;  // false when the guard skipped the last step's update
+  // The most bytes the last step's forwards left alive for backward at once, on this rank
+  // (measured with CountingCPUAllocator installed, activation_meter.hpp; else 0).
+  int64_t peak_activation_bytes() const { return stage.pp_size > 1 ? engine->peak_activation_bytes : peak_activation_bytes_; }
 
  private:
   // Forward and backward of every micro-batch; the loss averaged over them (double, on the device).
   torch::Tensor forward_backward(const std::vector<Batch>& micro_batches) {
     if (stage.pp_size > 1) return engine->run(micro_batches, options_.pipeline_schedule, /*train=*/true, ddp.get());
     auto total = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(options_.device));
+    peak_activation_bytes_ = 0;
     for (size_t i = 0; i < micro_batches.size(); ++i) {
       BucketedDataParallel::NoSync no_sync;
       if (ddp && i + 1 < micro_batches.size()) no_sync = ddp->no_sync();  // communicate after the last only
       torch::Tensor loss;
       {
         AutocastGuard autocast(options_.bf16);  // forward only, as torch.autocast
+        CountAllocations count(activations_);
         loss = model->loss(micro_batches[i].tokens, micro_batches[i].labels) / double(micro_batches.size());
       }
+      peak_activation_bytes_ = std::max(peak_activation_bytes_, activations_->settled());
       loss.backward();
       total += loss.detach().to(torch::kDouble);
     }
@@ -185,6 +196,8 @@ class Trainer {
   TrainConfig train_;
   ParallelOptions options_;
   ProcessGroups groups_;  // a copy (groups share their backends): the caller's may go
+  std::shared_ptr<ActivationCounter> activations_ = std::make_shared<ActivationCounter>();
+  int64_t peak_activation_bytes_ = 0;
 };
 
 }  // namespace lightron
