@@ -12,6 +12,7 @@
 // same steps with 2 micro-batches of gradient accumulation. tutorials/01_data_parallel.md.
 #include <lightron/data.hpp>
 #include <lightron/data_parallel.hpp>
+#include <lightron/parity.hpp>  // check_replicas
 #include <lightron/gpt.hpp>
 #include <lightron/train.hpp>
 

@@ -100,8 +100,6 @@ int main(int argc, char** argv) {
     auto model = std::make_shared<GPT>(model_config);
     const auto named_params = named_parameters_of(*model);
     const auto params = parameters_of(named_params);
-    std::set<std::string> all_names;  // dp only: every parameter counts once in the norm
-    for (const auto& [name, p] : named_params) all_names.insert(name);
 
     // [snippet: zero_compose]
     // Plain dp: a whole AdamW and buckets that all-reduce. ZeRO: the optimizer owns this rank's
@@ -110,14 +108,15 @@ int main(int argc, char** argv) {
     std::unique_ptr<AdamW> optimizer;
     std::unique_ptr<DistributedOptimizer> distributed;
     if (stage > 0) {
-      const std::vector<std::string> names(all_names.begin(), all_names.end());
+      std::vector<std::string> names;
+      for (const auto& [name, p] : named_params) names.push_back(name);
       distributed = std::make_unique<DistributedOptimizer>(named_params, dp, train, stage, bucket_size,
                                                            zero_units(names, stage, /*tied_shared=*/false));
     } else {
       optimizer = std::make_unique<AdamW>(named_params, train);
     }
     BucketedDataParallel ddp(named_params, dp, bucket_size,
-                             distributed ? distributed->communication() : BucketedDataParallel::Communication{});
+                             distributed ? distributed->communication() : BucketCommunication{});
     std::shared_ptr<ShardedWeights> sharded_weights;  // keep it: the model's wrappers hold it weakly
     if (stage == 3) sharded_weights = ShardedWeights::apply(*model, *distributed, dp);
     // [end snippet: zero_compose]
@@ -146,7 +145,7 @@ int main(int argc, char** argv) {
       all_reduce(dp, loss, /*average=*/true);  // for the log line only
       torch::Tensor sq;
       if (distributed) {
-        sq = distributed->grad_sq_norm(all_names);  // Σg² over this rank's slices ...
+        sq = distributed->grad_sq_norm(named_params);  // Σg² over this rank's slices (dp only: all count) ...
         all_reduce(dp, sq);                         // ... summed over dp: the whole gradient's
       } else {
         sq = grad_sq_norm(params);

@@ -10,6 +10,7 @@
 //       --data-parallel-size 2
 #include <lightron/arguments.hpp>
 #include <lightron/generate.hpp>
+#include <lightron/parity.hpp>  // check_replicas
 #include <lightron/trainer_tools.hpp>
 
 #include <cerrno>
@@ -102,6 +103,29 @@ void check_before_training(const Arguments& a, const Datasets& data, const Train
   all_reduce(world, total);
   if (failure.empty() && !a.save.empty()) failure = writable_with_room(a.save, "--save", total.item<int64_t>());
   agree_on_failure(world, failure);  // the first rank that failed says why
+}
+
+// --dry-run: the memory of every rank of the layout, from the flags alone.
+void print_dry_run(const Arguments& a) {
+  print0("dry run: layout tp {} cp {} dp {} pp {}, micro-batch {}, {} micro-batches per step, schedule {}, {} chunk(s) "
+         "per rank{}\n", a.layout.tp, a.layout.cp, a.layout.dp, a.layout.pp, a.train.micro_batch_size,
+         a.train.accumulation_steps(a.layout.dp), a.layout.pp > 1 ? a.pipeline_schedule : "none",
+         virtual_stages(a.model.num_layers, a.layout.pp, a.num_layers_per_virtual_pipeline_stage),
+         std::string(a.sharding == "no_shard" ? "" : ", sharding " + a.sharding) +
+             (a.recompute.granularity.empty() ? "" : ", recompute " + a.recompute.granularity));
+  print0("{:>5} {:>4} {:>4} {:>4} {:>12} {:>12} {:>12} {:>12} {:>14} {:>12}\n", "rank", "tp", "dp", "pp", "parameters",
+         "params MiB", "grads MiB", "adam MiB", "activ. MiB (~)", "total MiB");
+  const double mib = 1024.0 * 1024.0;
+  for (int64_t r = 0; r < a.layout.world(); ++r) {
+    const Coords c = coords_of(r, a.layout);
+    const auto m = estimate_memory(a.model, a.layout, c, a.train.micro_batch_size, a.train.accumulation_steps(a.layout.dp),
+                                   a.num_layers_per_virtual_pipeline_stage, a.pipeline_schedule, a.sequence_parallel,
+                                   zero_stage(a.sharding), a.ddp_bucket_size, a.recompute);
+    const double total = double(m.parameter_bytes + m.gradient_bytes + m.optimizer_bytes + m.activation_bytes);
+    print0("{:>5} {:>4} {:>4} {:>4} {:>12} {:>12.2f} {:>12.2f} {:>12.2f} {:>14.2f} {:>12.2f}\n", r, c.tp, c.dp, c.pp,
+           m.parameters, m.parameter_bytes / mib, m.gradient_bytes / mib, m.optimizer_bytes / mib,
+           m.activation_bytes / mib, total / mib);
+  }
 }
 
 // --dry-run --measure: every rank of the layout as a thread of this process (groups through a

@@ -11,8 +11,8 @@
 //     optimizer step. With gradient accumulation, backward inside no_sync() only accumulates
 //     and the last micro-batch communicates; with a pipeline, PipelineEngine::run holds
 //     no_sync() until this rank's last backward (pipeline_engine.hpp).
-// Also: check_replicas, which hashes the parameters and names a replica that diverged.
-// ZeRO (zero.hpp) reuses the buckets, communicating them its own way (Communication below).
+// check_replicas (parity.hpp) hashes the parameters and names a replica that diverged.
+// ZeRO (zero.hpp) reuses the buckets, communicating them its own way (BucketCommunication).
 // Chapter 1.
 #pragma once
 
@@ -78,10 +78,8 @@ class BucketedDataParallel {
  public:
   using NamedParams = std::vector<std::pair<std::string, torch::Tensor>>;
 
-  using Communication = BucketCommunication;
-
   // `params` in the model's order (plan_buckets). The group is copied.
-  BucketedDataParallel(const NamedParams& params, const Group& dp, int64_t bucket_elements, Communication how = {})
+  BucketedDataParallel(const NamedParams& params, const Group& dp, int64_t bucket_elements, BucketCommunication how = {})
       : state_(std::make_shared<State>()) {
     require(bucket_elements > 0, "--ddp-bucket-size must be positive, got {}", bucket_elements);
     state_->dp = dp;
@@ -164,7 +162,6 @@ class BucketedDataParallel {
   }
 
   size_t num_buckets() const { return state_->buckets.size(); }
-  const std::vector<std::string>& bucket_names(size_t b) const { return state_->buckets[b].names; }
 
   // `inspect(names, gradients)` is called with each bucket just before its all-reduce starts,
   // while the gradients are still this rank's own (guards.hpp notes NaN/inf there).
@@ -181,7 +178,7 @@ class BucketedDataParallel {
   struct Bucket {
     std::vector<std::string> names;
     std::vector<torch::Tensor> params, views;
-    int64_t elements = 0, padded = 0;  // padded: the flat's length (Communication::pad_to)
+    int64_t elements = 0, padded = 0;  // padded: the flat's length (BucketCommunication::pad_to)
     torch::Tensor flat;                // none while released (ZeRO-2)
     std::vector<bool> ready;  // gradient complete for this step's communication
     size_t num_ready = 0;
@@ -208,7 +205,7 @@ class BucketedDataParallel {
   };
   struct State {
     Group dp;
-    Communication how;
+    BucketCommunication how;
     std::vector<Bucket> buckets;
     bool sync = true;
     std::function<void(size_t, bool)> observer;  // see observe_this_step
@@ -285,29 +282,5 @@ class BucketedDataParallel {
   std::shared_ptr<State> state_;  // shared with the hooks (weakly) and with a live NoSync
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;
 };
-
-// FNV-1a over the parameters' bytes: equal replicas hash equally.
-inline int64_t parameter_hash(const std::vector<torch::Tensor>& params) {
-  uint64_t h = 1469598103934665603ull;
-  for (const auto& p : params) {
-    auto cpu = p.detach().to(torch::kCPU).contiguous();
-    auto bytes = static_cast<const uint8_t*>(cpu.data_ptr());
-    for (int64_t i = 0; i < nbytes(cpu); ++i) h = (h ^ bytes[i]) * 1099511628211ull;
-  }
-  return static_cast<int64_t>(h >> 1);
-}
-
-// All dp replicas must hold identical parameters; throws naming the ranks that differ
-// from dp rank 0.
-inline void check_replicas(const std::vector<torch::Tensor>& params, const Group& dp, int64_t iteration) {
-  auto mine = torch::tensor({parameter_hash(params)}, torch::kLong);
-  auto all = all_gather(dp, mine, 0);
-  std::vector<int> diverged;
-  for (int r = 1; r < dp.size; ++r)
-    if (all[r].item<int64_t>() != all[0].item<int64_t>()) diverged.push_back(dp.ranks[r]);
-  if (!diverged.empty())
-    throw RuntimeFailure(fmt::format("iteration {}: data-parallel replicas diverged: rank(s) {} differ from rank {}",
-                                     iteration, fmt::join(diverged, ","), dp.ranks[0]));
-}
 
 }  // namespace lightron

@@ -114,4 +114,28 @@ inline std::unique_ptr<ProcessGroups> single_rank_groups() {
   return make_process_groups(c10::make_intrusive<c10d::HashStore>(), /*rank=*/0, Layout());
 }
 
+// FNV-1a over the parameters' bytes: equal replicas hash equally.
+inline int64_t parameter_hash(const std::vector<torch::Tensor>& params) {
+  uint64_t h = 1469598103934665603ull;
+  for (const auto& p : params) {
+    auto cpu = p.detach().to(torch::kCPU).contiguous();
+    auto bytes = static_cast<const uint8_t*>(cpu.data_ptr());
+    for (int64_t i = 0; i < nbytes(cpu); ++i) h = (h ^ bytes[i]) * 1099511628211ull;
+  }
+  return static_cast<int64_t>(h >> 1);
+}
+
+// All dp replicas must hold identical parameters; throws naming the ranks that differ
+// from dp rank 0.
+inline void check_replicas(const std::vector<torch::Tensor>& params, const Group& dp, int64_t iteration) {
+  auto mine = torch::tensor({parameter_hash(params)}, torch::kLong);
+  auto all = all_gather(dp, mine, 0);
+  std::vector<int> diverged;
+  for (int r = 1; r < dp.size; ++r)
+    if (all[r].item<int64_t>() != all[0].item<int64_t>()) diverged.push_back(dp.ranks[r]);
+  if (!diverged.empty())
+    throw RuntimeFailure(fmt::format("iteration {}: data-parallel replicas diverged: rank(s) {} differ from rank {}",
+                                     iteration, fmt::join(diverged, ","), dp.ranks[0]));
+}
+
 }  // namespace lightron

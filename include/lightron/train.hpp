@@ -182,34 +182,28 @@ inline torch::Tensor sq_norm(const std::vector<torch::Tensor>& tensors) {
   if (tensors.empty()) return torch::zeros({}, torch::kDouble);
   return torch::stack(at::_foreach_norm(tensors)).to(torch::kDouble).pow(2).sum();
 }
-inline torch::Tensor grad_sq_norm(const std::vector<torch::Tensor>& params) {
+inline std::vector<torch::Tensor> grads_of(const std::vector<torch::Tensor>& params) {
   std::vector<torch::Tensor> grads;
   for (const auto& p : params)
     if (p.grad().defined()) grads.push_back(p.grad());
-  return sq_norm(grads);
+  return grads;
 }
+inline torch::Tensor grad_sq_norm(const std::vector<torch::Tensor>& params) { return sq_norm(grads_of(params)); }
 
 // Σ‖g‖² of this rank's share of a model split over tp ranks, so that summing the results over
 // the tp group counts every parameter once: a shard counts on every rank (the squares of the
 // pieces add up to the full tensor's), a replicated parameter on tp rank 0 only.
-inline std::set<std::string> tp_share(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
-                                      const std::set<std::string>& sharded, int64_t tp_rank) {
-  std::set<std::string> counted;
+inline std::vector<std::pair<std::string, torch::Tensor>> tp_share(
+    const std::vector<std::pair<std::string, torch::Tensor>>& named_params, const std::set<std::string>& sharded,
+    int64_t tp_rank) {
+  std::vector<std::pair<std::string, torch::Tensor>> counted;
   for (const auto& [name, p] : named_params)
-    if (tp_rank == 0 || sharded.count(name)) counted.insert(name);
+    if (tp_rank == 0 || sharded.count(name)) counted.emplace_back(name, p);
   return counted;
-}
-// Σ‖g‖² over the parameters named in `counted`.
-inline torch::Tensor grad_sq_norm(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
-                                  const std::set<std::string>& counted) {
-  std::vector<torch::Tensor> params;
-  for (const auto& [name, p] : named_params)
-    if (counted.count(name)) params.push_back(p);
-  return grad_sq_norm(params);
 }
 inline torch::Tensor tp_share_grad_sq_norm(const std::vector<std::pair<std::string, torch::Tensor>>& named_params,
                                            const std::set<std::string>& sharded, int64_t tp_rank) {
-  return grad_sq_norm(named_params, tp_share(named_params, sharded, tp_rank));
+  return grad_sq_norm(parameters_of(tp_share(named_params, sharded, tp_rank)));
 }
 
 // [snippet: clip]
@@ -221,10 +215,7 @@ inline void clip_gradients(std::vector<torch::Tensor> grads, const torch::Tensor
 }
 // [end snippet: clip]
 inline void clip_grads(const std::vector<torch::Tensor>& params, const torch::Tensor& total_norm, double max_norm) {
-  std::vector<torch::Tensor> grads;
-  for (const auto& p : params)
-    if (p.grad().defined()) grads.push_back(p.grad());
-  clip_gradients(grads, total_norm, max_norm);
+  clip_gradients(grads_of(params), total_norm, max_norm);
 }
 
 // Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's

@@ -95,8 +95,9 @@ class Trainer {
     if (stage.holds_tied_embedding() && !planted_bug("skip_embedding_all_reduce"))
       sum_over(groups_.embedding, {model->wte->weight});  // embedding: first + last stage
     all_reduce(groups_.dp, loss, /*average=*/true);  // dp: the loss of the global batch
-    const auto counted = tp_share(stage.counted_once(named_params), tp_info.sharded, groups_.tp.rank);
-    auto sq = distributed ? distributed->grad_sq_norm(counted) : grad_sq_norm(named_params, counted);
+    const auto counted_once = stage.counted_once(named_params);  // pp: a tied embedding once
+    auto sq = distributed ? distributed->grad_sq_norm(tp_share(counted_once, tp_info.sharded, groups_.tp.rank))
+                          : tp_share_grad_sq_norm(counted_once, tp_info.sharded, groups_.tp.rank);
     sq = sq.to(options_.device);
     if (distributed) all_reduce(groups_.dp, sq);  // ZeRO: each dp rank its slices
     all_reduce(groups_.tp, sq);  // tp: the shards of a layer add up

@@ -99,8 +99,8 @@ class DistributedOptimizer {
 
   // How the gradient buckets communicate: a reduce-scatter; this rank's averaged slice goes
   // where an all-reduce would have put it (ZeRO-1) or is added to the gradient shard (ZeRO-2).
-  BucketedDataParallel::Communication communication() const {
-    BucketedDataParallel::Communication how;
+  BucketCommunication communication() const {
+    BucketCommunication how;
     how.pad_to = dp_.size;
     how.release_after_launch = stage_ >= 2;
     how.unit = units_;
@@ -140,11 +140,13 @@ class DistributedOptimizer {
   }
 
   // Σ‖g‖² over this rank's slices of the `counted` parameters; summed over dp, it is theirs.
-  torch::Tensor grad_sq_norm(const std::set<std::string>& counted) {
+  torch::Tensor grad_sq_norm(const NamedParams& counted) {
+    std::set<std::string> names;
+    for (const auto& [name, p] : counted) names.insert(name);
     std::vector<torch::Tensor> grads;
     for (auto& b : buckets_)
       for (const auto& s : b.segments)
-        if (counted.count(s.name)) grads.push_back(gradient(s));
+        if (names.count(s.name)) grads.push_back(gradient(s));
     return sq_norm(grads);
   }
 

@@ -76,19 +76,6 @@ class ShardedWeights {
   void release_all() {
     for (auto& b : buckets_) free_bucket(b);
   }
-  // After writing into the gathered weights (a checkpoint loaded): keep them as the slices.
-  void write_back() {
-    torch::NoGradGuard no_grad;
-    for (auto& b : buckets_) {
-      gather_bucket(b);
-      for (size_t k = 0; k < b.params.size(); ++k) {
-        const int64_t lo = dp_.rank * b.slice.numel(), start = std::max(lo, b.offsets[k]);
-        const int64_t end = std::min(lo + b.slice.numel(), b.offsets[k] + b.params[k].numel());
-        if (start < end)
-          b.slice.narrow(0, start - lo, end - start).copy_(b.params[k].detach().view(-1).narrow(0, start - b.offsets[k], end - start));
-      }
-    }
-  }
   int64_t gathered_bytes() const {
     int64_t n = 0;
     for (const auto& b : buckets_)
@@ -181,9 +168,6 @@ class WholeWeights {
   WholeWeights& operator=(const WholeWeights&) = delete;
   ~WholeWeights() {
     if (w_) w_->release_all();
-  }
-  void keep_as_shards() {  // after writing into the whole weights
-    if (w_) w_->write_back();
   }
 
  private:
