@@ -479,6 +479,12 @@ TEST_SUITE("mpi_ckpt_np4") {
   TEST_CASE("ckpt reshard: 1x2x2 -> 2x1x1 -> 1x2x2, Llama") {
     reshard(GPTConfig::llama(), "np4_llama", Layout().with_dp(2).with_pp(2), Layout().with_tp(2));
   }
+  TEST_CASE("ckpt reshard: cp 2 x dp 2 -> 1x1x1 -> cp 2 x dp 2, Llama (context parallelism shards no weight)") {
+    reshard(GPTConfig::llama(), "np4_cp2_dp2", Layout().with_cp(2).with_dp(2), Layout());
+  }
+  TEST_CASE("ckpt reshard: cp 4 -> cp 2 x tp 2 -> cp 4, GPT-2") {
+    reshard(GPTConfig::gpt2(), "np4_cp4", Layout().with_cp(4), Layout().with_tp(2).with_cp(2));
+  }
   TEST_CASE("ckpt resume in one process is bit-exact: tp 2 x pp 2, Llama") {
     resume_bit_exact(GPTConfig::llama(), "np4_resume", Layout().with_tp(2).with_pp(2));
   }

@@ -28,6 +28,12 @@ lightron_mpi_test(mpi_zero_np4 4 ${T} --test-suite=mpi_zero)
 lightron_mpi_test(mpi_zero_tp_np4 4 ${T} --test-suite=mpi_zero_tp)
 lightron_mpi_test(mpi_zero_3d_np8 8 ${T} --test-suite=mpi_zero_3d)
 
+# Chapter 8, context parallelism: ring attention equals whole-sequence attention, the
+# head-tail split balances the work, every cp layout reproduces one rank, bytes and memory.
+lightron_mpi_test(mpi_cp_np2 2 ${T} --test-suite=mpi_cp,mpi_cp_np2)
+lightron_mpi_test(mpi_cp_np4 4 ${T} --test-suite=mpi_cp,mpi_cp_np4)
+lightron_mpi_test(mpi_cp_np8 8 ${T} --test-suite=mpi_cp_np8)
+
 # blas.hpp: a program on a CPU whose OpenBLAS fell back to an old kernel restarts with the
 # right one; the user's OPENBLAS_CORETYPE and --no-blas-fix keep it (skipped without AVX2).
 add_test(NAME blas_fix COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/blas_fix_test.sh ${PROJECT_BINARY_DIR})

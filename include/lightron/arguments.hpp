@@ -234,8 +234,6 @@ inline void validate_arguments(Arguments& a, int64_t world_size) {
           "parallel sizes must be at least 1: --tensor-model-parallel-size {} --pipeline-model-parallel-size {} "
           "--context-parallel-size {}", a.layout.tp, a.layout.pp, a.layout.cp);
   validate_flag_ranges(a);
-  require(a.layout.cp == 1, "--context-parallel-size {} is not supported yet (context parallelism is a later chapter): "
-          "use 1", a.layout.cp);
   const int64_t model_parallel = a.layout.tp * a.layout.pp * a.layout.cp;
   if (a.layout.dp == 0) {
     require(world_size % model_parallel == 0,
@@ -294,6 +292,7 @@ inline void validate_arguments(Arguments& a, int64_t world_size) {
                     a.train.accumulation_steps(a.layout.dp), a.pipeline_schedule);
   const int64_t v = virtual_stages(a.model.num_layers, a.layout.pp, a.num_layers_per_virtual_pipeline_stage);
   validate_recompute(a.recompute, a.model.num_layers / (a.layout.pp * v));  // blocks per model chunk
+  validate_context_parallel(a.model, a.layout.cp, a.layout.tp, a.sequence_parallel, a.recompute);
   require(!a.measure || a.dry_run, "--measure needs --dry-run (it measures each rank of the layout in one process)");
 }
 

@@ -75,12 +75,21 @@ struct Norm : torch::nn::Module {
 
 // ---- attention -------------------------------------------------------------------------
 
-// RoPE as in HuggingFace Llama ("rotate half"): (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
-inline torch::Tensor apply_rotary(const torch::Tensor& x, double base) {  // x: (B, H, T, D)
+// The sequence position of each of a rank's T tokens: 0..T-1, unless a parallelism that splits
+// the sequence (context_parallel.hpp) swaps in the global positions of its tokens.
+using Positions = std::function<torch::Tensor(int64_t T, torch::Device device)>;  // -> (T) int64
+inline torch::Tensor contiguous_positions(int64_t T, torch::Device device) {
+  return torch::arange(T, torch::TensorOptions().dtype(torch::kLong).device(device));
+}
+
+// RoPE as in HuggingFace Llama ("rotate half"): (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin),
+// the angles from each token's position (default 0..T-1).
+inline torch::Tensor apply_rotary(const torch::Tensor& x, double base, torch::Tensor positions = {}) {  // x: (B, H, T, D)
   const int64_t T = x.size(2), D = x.size(3);
   auto opts = torch::TensorOptions().dtype(torch::kFloat).device(x.device());
+  if (!positions.defined()) positions = contiguous_positions(T, x.device());
   auto inv_freq = torch::pow(base, -torch::arange(0, D, 2, opts) / static_cast<double>(D));  // (D/2)
-  auto freqs = torch::outer(torch::arange(T, opts), inv_freq);                             // (T, D/2)
+  auto freqs = torch::outer(positions.to(opts), inv_freq);                                 // (T, D/2)
   auto emb = torch::cat({freqs, freqs}, -1);                                               // (T, D)
   auto xf = x.to(torch::kFloat);
   auto halves = xf.chunk(2, -1);
@@ -88,8 +97,14 @@ inline torch::Tensor apply_rotary(const torch::Tensor& x, double base) {  // x: 
   return (xf * emb.cos() + rotated * emb.sin()).to(x.scalar_type());
 }
 
-// softmax(q kᵀ / sqrt(D) + causal mask) v, the softmax in fp32. q: (B, H, T, D), k/v: (B, H, T, D).
-inline torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+// Grouped-query attention: head h reads group h / (H/G). (B, G, T, D) -> (B, H, T, D).
+inline torch::Tensor repeat_groups(const torch::Tensor& kv, int64_t heads) {
+  return kv.size(1) == heads ? kv : kv.repeat_interleave(heads / kv.size(1), /*dim=*/1);
+}
+
+// softmax(q kᵀ / sqrt(D) + causal mask) v, the softmax in fp32. q: (B, H, T, D), k/v: (B, G, T, D).
+inline torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& kv_k, const torch::Tensor& kv_v) {
+  const auto k = repeat_groups(kv_k, q.size(1)), v = repeat_groups(kv_v, q.size(1));
   if (fused_attention_available(q)) return fused_causal_attention(q, k, v);  // CUDA, LibTorch 2.x
   const int64_t T = q.size(2);
   auto scores = torch::matmul(q.to(torch::kFloat), k.to(torch::kFloat).transpose(-2, -1)) /
@@ -104,8 +119,10 @@ struct Attention : torch::nn::Module {
   int64_t num_heads, num_groups, head_dim;      // heads and groups held here (H/tp, G/tp under TP)
   bool rope;
   double rotary_base;
-  // softmax(q kᵀ / sqrt(D)) v; recompute.hpp swaps in a recomputed one (selective recompute).
+  // softmax(q kᵀ / sqrt(D)) v of q (B, H, T, D) and k, v (B, G, T, D); recompute.hpp swaps in a
+  // recomputed one (selective recompute), context_parallel.hpp ring attention.
   std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&)> core = causal_attention;
+  Positions positions = contiguous_positions;  // for RoPE
   explicit Attention(const GPTConfig& c)
       : num_heads(c.num_attention_heads), num_groups(c.query_groups()), head_dim(c.head_dim()),
         rope(c.rope()), rotary_base(c.rotary_base) {
@@ -121,12 +138,9 @@ struct Attention : torch::nn::Module {
     };
     auto q = heads(parts[0], num_heads), k = heads(parts[1], num_groups), v = heads(parts[2], num_groups);  // (B, H|G, T, D)
     if (rope) {
-      q = apply_rotary(q, rotary_base);
-      k = apply_rotary(k, rotary_base);
-    }
-    if (num_groups != num_heads) {  // grouped-query attention: head h reads group h / (H/G)
-      k = k.repeat_interleave(num_heads / num_groups, /*dim=*/1);  // (B, G, T, D) -> (B, H, T, D)
-      v = v.repeat_interleave(num_heads / num_groups, /*dim=*/1);
+      const auto at = positions(T, x.device());
+      q = apply_rotary(q, rotary_base, at);
+      k = apply_rotary(k, rotary_base, at);
     }
     auto y = core(q, k, v).transpose(1, 2).reshape({B, T, num_heads * head_dim});  // (B, T, H D)
     return c_proj->forward(y);  // (B, T, C)
@@ -208,6 +222,7 @@ struct GPT : torch::nn::Module {
   std::shared_ptr<LinearLayer> lm_head;  // TiedLinear (not registered) or Linear
   // (logits, labels) -> mean loss; tensor_parallel.hpp swaps in the vocab-parallel one.
   std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)> loss_fn = cross_entropy_loss;
+  Positions positions = contiguous_positions;  // for wpe; context_parallel.hpp swaps in its own
   // Runs a run of blocks; recompute.hpp swaps in one that keeps fewer activations (full recompute).
   std::function<torch::Tensor(const std::vector<std::shared_ptr<Block>>&, torch::Tensor)> run_blocks = run_in_order;
 
@@ -240,7 +255,7 @@ struct GPT : torch::nn::Module {
 
   torch::Tensor embed(const torch::Tensor& ids) {  // (B, T) -> (B, T, C)
     auto x = wte->forward(ids);  // sequence parallel: this rank's (B, T/tp, C), summed over tp
-    if (wpe) x = x + wpe->forward(torch::arange(ids.size(1), ids.options()));
+    if (wpe) x = x + wpe->forward(positions(ids.size(1), ids.device()));
     return x;
   }
   torch::Tensor logits(const torch::Tensor& x) { return lm_head->forward(ln_f->forward(x)); }  // (B, T, V)

@@ -36,6 +36,8 @@
 #include "trainer.hpp"            // one training step for any layout      (chapter 4)
 #include "zero.hpp"               // ZeRO-1/2: the state sharded over dp    (chapter 7)
 #include "zero3.hpp"              // ZeRO-3: the weights too, block by block (chapter 7)
+#include "ring_attention.hpp"     // causal attention round a ring of ranks (chapter 8)
+#include "context_parallel.hpp"   // the sequence split over cp ranks      (chapter 8)
 #include "trainer_tools.hpp"      // full logits, full parameters, checkpoints (chapter 4)
 #include "model_trainer.hpp"      // the step for your own model (tp x dp) (chapter 6)
 #include "parity.hpp"             // one rank vs a layout, first difference (chapter 6)

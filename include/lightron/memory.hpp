@@ -59,25 +59,28 @@ inline int64_t norm_elements(const GPTConfig& c, int64_t BT, int64_t s) {
 // One block, elements: two norms; the residual sum and the output (B, T/s, C); the attention
 // core's q, k, v and its output (B, T, C/t each) and softmax (B, H/t, T, T); RoPE's cos and
 // sin tables; the MLP's hidden activations (GELU: 2F, SwiGLU: 4F per token, split by t).
-inline int64_t block_elements(const GPTConfig& c, int64_t BT, int64_t t, int64_t s, bool selective) {
-  const int64_t T = c.seq_length, B = BT / T, C = c.hidden_size, H = c.num_attention_heads / t;
+// Under cp, T is this rank's T/cp and ring attention keeps its inputs as selective recompute
+// does, then its fp32 output and log-sum-exp (B, H/t, T) instead of the softmax.
+inline int64_t block_elements(const GPTConfig& c, int64_t B, int64_t T, int64_t t, int64_t s, bool selective, bool ring) {
+  const int64_t BT = B * T, C = c.hidden_size, H = c.num_attention_heads / t;
   const int64_t HD = C / t, GD = c.query_groups() / t * c.head_dim();
-  const bool gqa = c.query_groups() != c.num_attention_heads;
   int64_t qkv = 3 * HD;  // as the core's matmuls save them (copies where not contiguous)
-  if (selective)         // the core's inputs themselves; views of c_attn's output keep it all
-    qkv = (!c.rope() || !gqa ? HD + 2 * GD : 0) + (c.rope() ? HD : 0) + (gqa ? 2 * HD : c.rope() ? GD : 0);
-  const int64_t attention = BT * (qkv + HD) + (selective ? 0 : B * H * T * T) + (c.rope() ? 4 * T * c.head_dim() : 0);
+  if (selective || ring)  // the core's inputs themselves; v, a view of c_attn's output, keeps it all
+    qkv = HD + 2 * GD + (c.rope() ? HD + GD : 0);
+  const int64_t core = ring ? BT * HD + B * H * T : selective ? 0 : B * H * T * T;
+  const int64_t attention = BT * (qkv + HD) + core + (c.rope() ? 4 * T * c.head_dim() : 0);
   const int64_t mlp = BT * (c.swiglu ? 4 : 2) * c.ffn() / t;
   return 2 * norm_elements(c, BT, s) + 2 * BT / s * C + attention + mlp;
 }
 
 // One micro-batch's forward of a model chunk of `layers` blocks, bytes: its input (B, T/s, C),
 // its blocks as recompute keeps them, and on the last chunk the final norm and the loss's
-// (B, T, V/t) fp32 log-probabilities (softmax under tp).
+// (B, T, V/t) fp32 log-probabilities (softmax under tp); T is T/cp under context parallelism.
 inline int64_t chunk_activation_bytes(const GPTConfig& c, int64_t micro_batch, int64_t t, bool sequence_parallel,
-                                      const RecomputeOptions& r, int64_t layers, bool last) {
-  const int64_t BT = micro_batch * c.seq_length, s = sequence_parallel ? t : 1, C = c.hidden_size;
-  const int64_t block = 4 * block_elements(c, BT, t, s, r.selective()) + (r.selective() ? kCpuRngStateBytes : 0);
+                                      const RecomputeOptions& r, int64_t layers, bool last, int64_t cp = 1) {
+  const int64_t T = c.seq_length / cp, BT = micro_batch * T, s = sequence_parallel ? t : 1, C = c.hidden_size;
+  const int64_t block = 4 * block_elements(c, micro_batch, T, t, s, r.selective(), cp > 1) +
+                        (r.selective() ? kCpuRngStateBytes : 0);
   const int64_t kept_input = 4 * BT / s * C + kCpuRngStateBytes;  // a full-recompute region's output
   int64_t bytes = 4 * BT / s * C;
   if (!r.full()) bytes += layers * block;
@@ -144,14 +147,14 @@ inline MemoryEstimate estimate_memory(const GPTConfig& c, const Layout& layout, 
   m.parameter_bytes = m.gradient_bytes = 4 * m.parameters;
   m.optimizer_bytes = 2 * 4 * m.parameters;
   // [snippet: zero_memory]
-  if (zero_stage > 0 && layout.dp > 1) {
+  if (const int64_t dp = layout.dp * layout.cp; zero_stage > 0 && dp > 1) {  // sharded over dp (x cp)
     std::vector<std::string> names;
     for (const auto& [name, numel] : held) names.push_back(name);
     const bool tied_here = c.tied() && p > 1 && (coords.pp == 0 || last);
-    const int64_t padded = zero_padded_elements(held, layout.dp, bucket_elements, zero_units(names, zero_stage, tied_here));
-    if (zero_stage == 3) m.parameter_bytes = 4 * padded / layout.dp;  // Ψ' = Σ buckets padded to dp
-    m.gradient_bytes = zero_stage == 1 ? 4 * padded : 4 * padded / layout.dp;
-    m.optimizer_bytes = 2 * 4 * padded / layout.dp;
+    const int64_t padded = zero_padded_elements(held, dp, bucket_elements, zero_units(names, zero_stage, tied_here));
+    if (zero_stage == 3) m.parameter_bytes = 4 * padded / dp;  // Ψ' = Σ buckets padded to dp
+    m.gradient_bytes = zero_stage == 1 ? 4 * padded : 4 * padded / dp;
+    m.optimizer_bytes = 2 * 4 * padded / dp;
   }
   // [end snippet: zero_memory]
   // [snippet: activation_in_flight]
@@ -160,8 +163,8 @@ inline MemoryEstimate estimate_memory(const GPTConfig& c, const Layout& layout, 
   for (int64_t k = 0; k < v; ++k) {
     const bool last_chunk = k * p + coords.pp == p * v - 1;
     chunk_bytes.push_back(chunk_activation_bytes(c, micro_batch, tp, sequence_parallel, recompute,
-                                                 int64_t(chunks[k * p + coords.pp].size()), last_chunk));
-    sent.push_back(last_chunk ? 0 : 4 * micro_batch * c.seq_length / (sequence_parallel ? tp : 1) * c.hidden_size);
+                                                 int64_t(chunks[k * p + coords.pp].size()), last_chunk, layout.cp));
+    sent.push_back(last_chunk ? 0 : 4 * micro_batch * c.seq_length / layout.cp / (sequence_parallel ? tp : 1) * c.hidden_size);
   }
   m.activation_bytes = p == 1 ? chunk_bytes[0] : peak_held_bytes(schedule, micro_batches, p, v, coords.pp, chunk_bytes, sent);
   // [end snippet: activation_in_flight]

@@ -48,8 +48,6 @@ inline void validate_layout(const Layout& l, int64_t world_size) {
   require(l.cp >= 1, "--context-parallel-size must be at least 1, got {}", l.cp);
   require(l.dp >= 1, "--data-parallel-size must be at least 1, got {}", l.dp);
   require(l.pp >= 1, "--pipeline-model-parallel-size must be at least 1, got {}", l.pp);
-  require(l.cp == 1, "--context-parallel-size {} is not supported yet (context parallelism is a later chapter): use 1",
-          l.cp);
   require(l.world() == world_size,
           "tensor ({}) x context ({}) x data ({}) x pipeline ({}) parallel sizes = {} must equal the number of "
           "ranks ({}); launch with mpirun -np {} or change the sizes",
@@ -111,6 +109,7 @@ struct ProcessGroups {
   int rank = 0, world_size = 1, local_rank = 0;
   Coords coords;
   Group world, tp, cp, dp, pp;
+  Group dp_cp;      // dp x cp: the replicas of every parameter (chapter 8); dp itself when cp is 1
   Group embedding;  // first and last pipeline stage: their tied embedding gradients are summed
   c10::intrusive_ptr<c10d::Store> store;
 
@@ -154,6 +153,14 @@ inline std::unique_ptr<ProcessGroups> make_process_groups(const c10::intrusive_p
   g->cp = build("cp", group_members(g->coords, layout, &Coords::cp, layout.cp));
   g->dp = build("dp", group_members(g->coords, layout, &Coords::dp, layout.dp));
   g->pp = build("pp", group_members(g->coords, layout, &Coords::pp, layout.pp));
+  g->dp_cp = g->dp;
+  if (layout.cp > 1) {
+    std::vector<int> members;  // ascending: cp varies faster than dp in the rank
+    for (int64_t dp = 0; dp < layout.dp; ++dp)
+      for (const int r : group_members(Coords{g->coords.tp, 0, dp, g->coords.pp}, layout, &Coords::cp, layout.cp))
+        members.push_back(r);
+    g->dp_cp = build("dp_cp", members);
+  }
   if (layout.pp > 1 && (g->pp_is_first_stage() || g->pp_is_last_stage()))
     g->embedding = build("embedding", {g->pp.ranks.front(), g->pp.ranks.back()});
   return g;

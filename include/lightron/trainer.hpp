@@ -8,6 +8,7 @@
 // Leaves out: sampling, gathering the full model and checkpoints (trainer_tools.hpp).
 #pragma once
 
+#include "context_parallel.hpp"
 #include "data.hpp"
 #include "data_parallel.hpp"
 #include "guards.hpp"
@@ -29,6 +30,7 @@ struct ParallelOptions {
   torch::Device device = torch::kCPU;      // cuda: NCCL groups, this rank's GPU
   bool bf16 = false;                       // bf16 compute, fp32 master weights, grads and Adam
   RecomputeOptions recompute;              // full | selective activation recomputation
+  bool zigzag = true;                      // cp: the head-tail split (false: contiguous, unbalanced)
 };
 
 class Trainer {
@@ -43,6 +45,7 @@ class Trainer {
                       train.accumulation_steps(l.dp), options.pipeline_schedule);
     const int64_t chunks = l.pp * virtual_stages(model_config.num_layers, l.pp, options.layers_per_virtual_stage);
     validate_recompute(options.recompute, model_config.num_layers / chunks);  // blocks per model chunk
+    validate_context_parallel(model_config, l.cp, l.tp, options.sequence_parallel, options.recompute);
     // [snippet: trainer_compose]
     torch::manual_seed(train.seed);
     model = std::make_shared<GPT>(model_config);  // whole, from the seed: every layout starts here
@@ -50,6 +53,7 @@ class Trainer {
     stage = apply_pipeline_parallel(model, groups.coords.pp, l.pp,                   // pp: keep this stage's
                                     virtual_stages(model_config.num_layers, l.pp, options.layers_per_virtual_stage));
     stage.bf16 = options.bf16;
+    apply_context_parallel(*model, groups.cp, split());  // cp: ring attention, this rank's positions
     apply_recompute(*model, options.recompute);  // recompute: fewer activations kept for backward
     model->to(options.device);  // after sharding: each rank moves only its part
     engine = std::make_unique<PipelineEngine>(stage, groups, model_config.hidden_size,
@@ -57,17 +61,18 @@ class Trainer {
     named_params = named_parameters_of(*model);  // this rank's: so is the optimizer state
     params = parameters_of(named_params);
     tp_info.sequence_parallel_params = held_here(tp_info.sequence_parallel_params, params);
-    if (const int zero = zero_stage(options.sharding); zero > 0 && groups.dp.size > 1) {  // ZeRO: 1/dp of the state each
+    const Group& replicas = groups.dp_cp;  // dp (x cp): the ranks whose gradients are averaged
+    if (const int zero = zero_stage(options.sharding); zero > 0 && replicas.size > 1) {  // ZeRO: 1/dp of the state each
       std::vector<std::string> names;
       for (const auto& [name, p] : named_params) names.push_back(name);
       const auto units = zero_units(names, zero, stage.holds_tied_embedding());
-      distributed = std::make_unique<DistributedOptimizer>(named_params, groups.dp, train, zero, options.ddp_bucket_size, units);
-      ddp = std::make_unique<BucketedDataParallel>(named_params, groups.dp, options.ddp_bucket_size,
+      distributed = std::make_unique<DistributedOptimizer>(named_params, replicas, train, zero, options.ddp_bucket_size, units);
+      ddp = std::make_unique<BucketedDataParallel>(named_params, replicas, options.ddp_bucket_size,
                                                    distributed->communication());
-      if (zero == 3) sharded_weights = ShardedWeights::apply(*model, *distributed, groups.dp);  // weights too
-    } else if (options.ddp_impl == "bucketed" && groups.dp.size > 1) {  // dp: buckets overlapped with backward
+      if (zero == 3) sharded_weights = ShardedWeights::apply(*model, *distributed, replicas);  // weights too
+    } else if (options.ddp_impl == "bucketed" && replicas.size > 1) {  // dp: buckets overlapped with backward
       optimizer = std::make_unique<AdamW>(named_params, train);
-      ddp = std::make_unique<BucketedDataParallel>(named_params, groups.dp, options.ddp_bucket_size);
+      ddp = std::make_unique<BucketedDataParallel>(named_params, replicas, options.ddp_bucket_size);
     } else {
       optimizer = std::make_unique<AdamW>(named_params, train);
       for (auto& p : params) p.mutable_grad() = torch::zeros_like(p);
@@ -89,17 +94,17 @@ class Trainer {
     auto loss = forward_backward(to_device(micro_batches));  // pp: the schedule; tp: inside the layers
     const auto own_loss = stage.pp_rank + 1 == stage.pp_size ? loss : torch::Tensor();  // pp: the last stage's
     guard->note_own_numbers(own_loss, named_params, bool(ddp));  // guards: before any reduction mixes them
-    if (ddp) ddp->finish();  // dp: the buckets' all-reduces (ZeRO: reduce-scatters), waited for
-    else if (groups_.dp.size > 1) all_reduce_gradients(params, groups_.dp);  // dp: one all-reduce each
+    if (ddp) ddp->finish();  // dp (x cp): the buckets' all-reduces (ZeRO: reduce-scatters), waited for
+    else if (groups_.dp_cp.size > 1) all_reduce_gradients(params, groups_.dp_cp);  // dp (x cp): one all-reduce each
     if (!planted_bug("skip_sp_grad_all_reduce")) sum_over(groups_.tp, tp_info.sequence_parallel_params);  // tp: SP replicas
     if (stage.holds_tied_embedding() && !planted_bug("skip_embedding_all_reduce"))
       sum_over(groups_.embedding, {model->wte->weight});  // embedding: first + last stage
-    all_reduce(groups_.dp, loss, /*average=*/true);  // dp: the loss of the global batch
+    all_reduce(groups_.dp_cp, loss, /*average=*/true);  // dp (x cp): the loss of the global batch
     const auto counted_once = stage.counted_once(named_params);  // pp: a tied embedding once
     auto sq = distributed ? distributed->grad_sq_norm(tp_share(counted_once, tp_info.sharded, groups_.tp.rank))
                           : tp_share_grad_sq_norm(counted_once, tp_info.sharded, groups_.tp.rank);
     sq = sq.to(options_.device);
-    if (distributed) all_reduce(groups_.dp, sq);  // ZeRO: each dp rank its slices
+    if (distributed) all_reduce(groups_.dp_cp, sq);  // ZeRO: each dp (x cp) rank its slices
     all_reduce(groups_.tp, sq);  // tp: the shards of a layer add up
     all_reduce(groups_.pp, sq);  // pp: each stage its own layers
     const auto norm = sq.sqrt();  // stays on the device: no wait before the update (unless guarded)
@@ -128,7 +133,7 @@ class Trainer {
       for (const auto& b : micro_batches) total += model->loss(b.tokens, b.labels).to(torch::kDouble);
       total /= double(micro_batches.size());
     }
-    all_reduce(groups_.dp, total, /*average=*/true);
+    all_reduce(groups_.dp_cp, total, /*average=*/true);
     return total.item<double>();
   }
 
@@ -190,9 +195,13 @@ class Trainer {
   }
   std::vector<Batch> to_device(const std::vector<Batch>& batches) const {
     std::vector<Batch> out;
-    for (const auto& b : batches) out.push_back({b.tokens.to(options_.device), b.labels.to(options_.device)});
+    for (const auto& b : batches) {
+      const Batch mine = groups_.cp.size > 1 ? context_chunks(b, groups_.cp.rank, split()) : b;  // cp: its chunks
+      out.push_back({mine.tokens.to(options_.device), mine.labels.to(options_.device)});
+    }
     return out;
   }
+  SequenceSplit split() const { return {groups_.layout.cp, options_.zigzag}; }
 
   TrainConfig train_;
   ParallelOptions options_;
