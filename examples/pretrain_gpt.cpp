@@ -113,8 +113,9 @@ void print_dry_run(const Arguments& a) {
          virtual_stages(a.model.num_layers, a.layout.pp, a.num_layers_per_virtual_pipeline_stage),
          std::string(a.sharding == "no_shard" ? "" : ", sharding " + a.sharding) +
              (a.recompute.granularity.empty() ? "" : ", recompute " + a.recompute.granularity));
-  print0("{:>5} {:>4} {:>4} {:>4} {:>12} {:>12} {:>12} {:>12} {:>14} {:>12}\n", "rank", "tp", "dp", "pp", "parameters",
-         "params MiB", "grads MiB", "adam MiB", "activ. MiB (~)", "total MiB");
+  const bool cp = a.layout.cp > 1;  // a column of its own only when it splits anything
+  print0("{:>5} {:>4}{} {:>4} {:>4} {:>12} {:>12} {:>12} {:>12} {:>14} {:>12}\n", "rank", "tp", cp ? "   cp" : "", "dp",
+         "pp", "parameters", "params MiB", "grads MiB", "adam MiB", "activ. MiB (~)", "total MiB");
   const double mib = 1024.0 * 1024.0;
   for (int64_t r = 0; r < a.layout.world(); ++r) {
     const Coords c = coords_of(r, a.layout);
@@ -122,8 +123,8 @@ void print_dry_run(const Arguments& a) {
                                    a.num_layers_per_virtual_pipeline_stage, a.pipeline_schedule, a.sequence_parallel,
                                    zero_stage(a.sharding), a.ddp_bucket_size, a.recompute);
     const double total = double(m.parameter_bytes + m.gradient_bytes + m.optimizer_bytes + m.activation_bytes);
-    print0("{:>5} {:>4} {:>4} {:>4} {:>12} {:>12.2f} {:>12.2f} {:>12.2f} {:>14.2f} {:>12.2f}\n", r, c.tp, c.dp, c.pp,
-           m.parameters, m.parameter_bytes / mib, m.gradient_bytes / mib, m.optimizer_bytes / mib,
+    print0("{:>5} {:>4}{} {:>4} {:>4} {:>12} {:>12.2f} {:>12.2f} {:>12.2f} {:>14.2f} {:>12.2f}\n", r, c.tp,
+           cp ? fmt::format(" {:>4}", c.cp) : "", c.dp, c.pp, m.parameters, m.parameter_bytes / mib, m.gradient_bytes / mib, m.optimizer_bytes / mib,
            m.activation_bytes / mib, total / mib);
   }
 }

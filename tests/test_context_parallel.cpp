@@ -4,7 +4,7 @@
 //   - the head-tail split gives every rank the same counted work, the contiguous one does not;
 //   - training at cp 2, cp 4, cp 2 x tp 2 (sequence parallel on and off), cp 2 x pp 2,
 //     cp 2 x dp 2 and two 8-rank layouts reproduces one rank's 20 steps, GPT-2 and Llama;
-//   - the bytes sent over the cp group in a step equal the formula;
+//   - the bytes sent over the cp group in a step equal the formula; sampling's logits are one rank's;
 //   - --dry-run's activations at cp 2 are at most half of cp 1's, and a measured figure agrees.
 // (A cp 2 checkpoint resuming at cp 1: test_checkpoint.cpp, suite mpi_ckpt_np4.)
 #include "testing.hpp"
@@ -141,6 +141,19 @@ TEST_SUITE("mpi_cp") {
   TEST_CASE("cp parity: cp = world size reproduces one rank, GPT-2 and Llama") {
     check_training(GPTConfig::gpt2(), Layout().with_cp(int64_t(launch_env().world_size)));
     check_training(GPTConfig::llama(), Layout().with_cp(int64_t(launch_env().world_size)));
+  }
+
+  TEST_CASE("cp sampling: full_logits of a 5-token prompt (padded on the right, split, gathered) equal one rank's") {
+    auto g = init_process_groups(Layout().with_cp(int64_t(launch_env().world_size)));
+    for (auto flavour : {GPTConfig::gpt2(), GPTConfig::llama()}) {
+      const auto c = tiny_config(flavour, /*layers=*/2);
+      const auto t = tiny_train(/*global_batch=*/2, /*micro_batch=*/2);
+      Trainer one(c, t, ParallelOptions{}, *single_rank_groups()), split(c, t, ParallelOptions{}, *g);
+      const auto prompt = torch::tensor({{3, 1, 4, 1, 5}});
+      const auto expected = full_logits(one, prompt), got = full_logits(split, prompt);
+      CHECK(sizes_are(got, {1, 5, c.vocab_size}));
+      CHECK(relative_difference(got, expected) <= 1e-5);
+    }
   }
 
   TEST_CASE("cp communication: bytes over the cp group in a step equal the formula within 1%") {

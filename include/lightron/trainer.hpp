@@ -140,6 +140,7 @@ class Trainer {
   const TrainConfig& train_config() const { return train_; }
   const ParallelOptions& options() const { return options_; }
   const ProcessGroups& groups() const { return groups_; }
+  SequenceSplit split() const { return {groups_.layout.cp, options_.zigzag}; }  // cp: who holds which chunks
 
   std::shared_ptr<GPT> model;  // this rank's part of it
   TensorParallelInfo tp_info;
@@ -201,7 +202,6 @@ class Trainer {
     }
     return out;
   }
-  SequenceSplit split() const { return {groups_.layout.cp, options_.zigzag}; }
 
   TrainConfig train_;
   ParallelOptions options_;

@@ -12,7 +12,9 @@
 namespace lightron {
 
 // Full logits (1, t, V) of ids (1, t) on every rank, for generation. The activation passes
-// stage by stage (pp); the last stage gathers the vocabulary (tp) and broadcasts it (pp).
+// stage by stage (pp); the last stage gathers the vocabulary (tp) and broadcasts it (pp); cp
+// ranks run their chunks and gather the sequence. Padding goes on the right, where the causal
+// mask keeps it from changing the logits of the tokens before it.
 inline torch::Tensor full_logits(Trainer& trainer, torch::Tensor ids) {
   torch::NoGradGuard no_grad;
   const auto weights = trainer.whole_weights();  // ZeRO-3
@@ -21,9 +23,11 @@ inline torch::Tensor full_logits(Trainer& trainer, torch::Tensor ids) {
   auto& stage = trainer.stage;
   const auto& config = trainer.model->config;
   ids = ids.to(o.device);
-  const int64_t t = ids.size(1), tp = g.layout.tp, p = stage.pp_size, chunks = p * stage.num_virtual;
-  const int64_t pad = o.sequence_parallel ? (tp - t % tp) % tp : 0;  // T must split over tp
-  if (pad > 0) ids = torch::cat({torch::zeros({1, pad}, ids.options()), ids}, 1);
+  const int64_t t = ids.size(1), tp = g.layout.tp, cp = g.layout.cp, p = stage.pp_size, chunks = p * stage.num_virtual;
+  const int64_t multiple = (cp > 1 ? 2 * cp : 1) * (o.sequence_parallel ? tp : 1);  // T must split over cp and tp
+  const int64_t pad = (multiple - t % multiple) % multiple;
+  if (pad > 0) ids = torch::cat({ids, torch::zeros({1, pad}, ids.options())}, 1);
+  if (cp > 1) ids = sequence_chunks(ids, g.cp.rank, trainer.split());
   const auto on_device = torch::TensorOptions().device(o.device);
   torch::Tensor x = ids;
   for (int64_t gc = 0; gc < chunks; ++gc) {
@@ -41,7 +45,13 @@ inline torch::Tensor full_logits(Trainer& trainer, torch::Tensor ids) {
     logits = all_gather(g.tp, trainer.model->logits(x).to(torch::kFloat), 2);
   }
   broadcast(g.pp, logits, int(p - 1));
-  return logits.narrow(1, pad, t).cpu();
+  if (cp > 1) {  // the cp ranks' chunks, back in sequence order
+    std::vector<torch::Tensor> at;
+    for (int64_t r = 0; r < cp; ++r) at.push_back(positions_of(r, trainer.split(), ids.size(1), o.device));
+    const auto gathered = all_gather(g.cp, logits, 1);
+    logits = torch::empty_like(gathered).index_copy_(1, torch::cat(at), gathered);
+  }
+  return logits.narrow(1, 0, t).cpu();
 }
 
 // Every parameter as the single-device model holds it, on every rank: tp shards are
