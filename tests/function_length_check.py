@@ -38,6 +38,7 @@ IDEA_HEADERS = [
     ("checkpoint.hpp", 5),
     ("parity.hpp", 6),
     ("zero.hpp", 7), ("zero3.hpp", 7),
+    ("ring_attention.hpp", 8), ("context_parallel.hpp", 8),
 ]
 DEFAULT_MAX_LINES = 60
 ROW = re.compile(r"^\|\s*`([^`]+\.hpp)`\s*\|\s*(\d+)\s*\|\s*([\d,]+)\s*\|")

@@ -22,7 +22,8 @@ namespace lightron {
 
 // Which 2 of the 2·cp chunks of the sequence each rank holds. Head-tail ("zigzag"): rank r
 // holds chunks r and 2·cp-1-r, so under the causal mask every rank has the same work.
-// Contiguous: chunks 2r and 2r+1, rank cp-1 doing about 2·cp-1 times rank 0's work.
+// Contiguous: chunks 2r and 2r+1; rank cp-1 has 2·cp-1 times rank 0's causal work (and
+// computes (4·cp-1)/3 times its chunk pairs, a diagonal pair being computed whole).
 struct SequenceSplit {
   int64_t size = 1;  // cp
   bool zigzag = true;

@@ -1,7 +1,8 @@
 // lightron/trainer.hpp — chapter 4: the composition, packaged. Chapters 1–3 wrote the step
 // out in their examples; these are the same lines for any tp × dp × pp layout on the grid:
 //   the whole model from the seed -> sharded over tp -> cut to this rank's pipeline stage
-//   -> each step: the schedule's forwards and backwards -> gradients averaged over dp,
+//   -> its attention a ring over cp (chapter 8) -> each step: this cp rank's chunks of the
+//   micro-batches, the schedule's forwards and backwards -> gradients averaged over dp (x cp),
 //   summed over tp for sequence-parallel replicas and over the first + last stage for a
 //   tied embedding -> the global gradient norm, clipping -> AdamW.
 // Every line of step() names the group it talks to.
