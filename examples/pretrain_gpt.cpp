@@ -124,8 +124,8 @@ void print_dry_run(const Arguments& a) {
                                    zero_stage(a.sharding), a.ddp_bucket_size, a.recompute);
     const double total = double(m.parameter_bytes + m.gradient_bytes + m.optimizer_bytes + m.activation_bytes);
     print0("{:>5} {:>4}{} {:>4} {:>4} {:>12} {:>12.2f} {:>12.2f} {:>12.2f} {:>14.2f} {:>12.2f}\n", r, c.tp,
-           cp ? fmt::format(" {:>4}", c.cp) : "", c.dp, c.pp, m.parameters, m.parameter_bytes / mib, m.gradient_bytes / mib, m.optimizer_bytes / mib,
-           m.activation_bytes / mib, total / mib);
+           cp ? fmt::format(" {:>4}", c.cp) : "", c.dp, c.pp, m.parameters, m.parameter_bytes / mib,
+           m.gradient_bytes / mib, m.optimizer_bytes / mib, m.activation_bytes / mib, total / mib);
   }
 }
 
@@ -250,7 +250,7 @@ int main(int argc, char** argv) {
       comm_stats().reset();
       if (a.check_weight_hash_interval > 0 && it % a.check_weight_hash_interval == 0) {
         const auto weights = trainer.whole_weights();  // ZeRO-3: gathered to be hashed
-        check_replicas(trainer.params, groups->dp, it);
+        check_replicas(trainer.params, groups->dp_cp, it);  // dp and cp ranks hold the same weights
       }
       if (it % a.train.log_interval == 0 || it == a.train.train_iters) {
         const int64_t iters = it % a.train.log_interval == 0 ? a.train.log_interval : it % a.train.log_interval;

@@ -61,14 +61,17 @@ std::vector<int64_t> gathered(const Group& g, int64_t value) {
 }
 
 // 20 steps of `layout` against one rank's.
-void check_training(GPTConfig flavour, const Layout& layout, bool sequence_parallel = false) {
+void check_training(GPTConfig flavour, const Layout& layout, bool sequence_parallel = false,
+                    const std::string& sharding = "no_shard", const std::string& recompute = "") {
   auto g = init_process_groups(layout);
   const auto c = tiny_config(flavour, /*layers=*/4);
   const auto t = tiny_train(/*global_batch=*/8, /*micro_batch=*/2);
   ParallelOptions o;
   o.sequence_parallel = sequence_parallel;
-  MESSAGE(fmt::format("{} tp {} cp {} dp {} pp {}{}", c.swiglu ? "Llama" : "GPT-2", layout.tp, layout.cp, layout.dp,
-                      layout.pp, sequence_parallel ? " sequence parallel" : ""));
+  o.sharding = sharding;
+  o.recompute.granularity = recompute;
+  MESSAGE(fmt::format("{} tp {} cp {} dp {} pp {}{} {} {}", c.swiglu ? "Llama" : "GPT-2", layout.tp, layout.cp,
+                      layout.dp, layout.pp, sequence_parallel ? " sequence parallel" : "", sharding, recompute));
   check_parity(run_reference(c, t), run_training(c, t, o, *g));
 }
 
@@ -194,6 +197,11 @@ TEST_SUITE("mpi_cp_np4") {
       check_training(flavour, Layout().with_cp(2).with_pp(2));
       check_training(flavour, Layout().with_cp(2).with_dp(2));
     }
+  }
+  TEST_CASE("cp parity: cp 2 x dp 2 under ZeRO-1 and ZeRO-3 (sharded over dp x cp), and with full recompute") {
+    check_training(GPTConfig::llama(), Layout().with_cp(2).with_dp(2), false, "optim");
+    check_training(GPTConfig::gpt2(), Layout().with_cp(2).with_dp(2), false, "optim_grads_params");
+    check_training(GPTConfig::gpt2(), Layout().with_cp(2).with_dp(2), false, "no_shard", "full");
   }
 }
 
