@@ -11,6 +11,11 @@
 #include <lightron/arguments.hpp>
 #include <lightron/generate.hpp>
 #include <lightron/parity.hpp>  // check_replicas
+
+#if __has_include(<torch/csrc/autograd/profiler_legacy.h>)
+#include <torch/csrc/autograd/profiler_legacy.h>  // RecordProfile: bench/profile_step.py
+#define LIGHTRON_HAVE_RECORD_PROFILE 1
+#endif
 #include <lightron/trainer_tools.hpp>
 
 #include <cerrno>
@@ -242,9 +247,23 @@ int main(int argc, char** argv) {
     // (the fp32 GEMM peak measured on the 2-core machines these labs use).
     const double peak = a.peak_tflops > 0 ? a.peak_tflops : device.is_cuda() ? (a.bf16 ? 989.0 : 67.0) : 0.1 * a.num_threads;
     Timer interval;
+    // bench/profile_step.py: LIGHTRON_PROFILE_TRACE=FILE records the ATen ops of iteration
+    // LIGHTRON_PROFILE_ITERATION (default 3) as a Chrome trace, on rank 0.
+    const char* trace = groups->rank == 0 ? std::getenv("LIGHTRON_PROFILE_TRACE") : nullptr;
+    const char* traced = std::getenv("LIGHTRON_PROFILE_ITERATION");
+    const int64_t traced_iteration = traced ? std::atoll(traced) : 3;
     for (int64_t it = first_iteration; it <= a.train.train_iters; ++it) {
       auto batches = to_batches(*data.train, sampler.next_global_batch());
+#ifdef LIGHTRON_HAVE_RECORD_PROFILE
+      std::unique_ptr<torch::autograd::profiler::RecordProfile> profile;
+      if (trace && it == traced_iteration) profile = std::make_unique<torch::autograd::profiler::RecordProfile>(trace);
+#else
+      require(!trace, "LIGHTRON_PROFILE_TRACE: this LibTorch has no legacy profiler (RecordProfile)");
+#endif
       const double loss = trainer.step(batches, it);
+#ifdef LIGHTRON_HAVE_RECORD_PROFILE
+      profile.reset();  // writes the trace
+#endif
       if (timeline.file) fmt::print(timeline.file, "{}", trainer.engine->timeline_json(it));
       if (comm.file) fmt::print(comm.file, "{}\n", comm_stats().json(it));
       comm_stats().reset();

@@ -67,6 +67,9 @@ add_test(NAME consumer COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/consumer/../cons
 # bench/gpu_check.sh's logic at toy size on the CPU (the GPU machine runs it for real).
 add_test(NAME gpu_check_dry_run COMMAND env PYTHON=/usr/bin/python3 BUILD=${PROJECT_BINARY_DIR}
          OUT=${CMAKE_CURRENT_BINARY_DIR}/gpu_check_dry_run bash ${PROJECT_SOURCE_DIR}/bench/gpu_check.sh --cpu-dry-run)
+# bench/profile_step.py's two traces and its table (a smoke test: the numbers are the bench's).
+add_test(NAME profile_step COMMAND /usr/bin/python3 ${PROJECT_SOURCE_DIR}/bench/profile_step.py --build ${PROJECT_BINARY_DIR}
+         --config tiny --top 5)
 add_test(NAME tutorials COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/tutorial_commands.py --root ${PROJECT_SOURCE_DIR} --timeout 600)
 set_tests_properties(tutorials PROPERTIES RUN_SERIAL ON TIMEOUT 1800)
 
