@@ -3,7 +3,8 @@
 //     outputs and dQ, dK, dV, at cp 2 and 4, RoPE or none, GQA or not, both splits;
 //   - the head-tail split gives every rank the same counted work, the contiguous one does not;
 //   - training at cp 2, cp 4, cp 2 x tp 2 (sequence parallel on and off), cp 2 x pp 2,
-//     cp 2 x dp 2 and two 8-rank layouts reproduces one rank's 20 steps, GPT-2 and Llama;
+//     cp 2 x dp 2 (also under ZeRO-1, ZeRO-3, full recompute) and three 8-rank layouts
+//     (tp x cp x pp, cp x dp x pp, tp x cp x dp) reproduces one rank's 20 steps;
 //   - the bytes sent over the cp group in a step equal the formula; sampling's logits are one rank's;
 //   - --dry-run's activations at cp 2 are at most half of cp 1's, and a measured figure agrees.
 // (A cp 2 checkpoint resuming at cp 1: test_checkpoint.cpp, suite mpi_ckpt_np4.)
@@ -91,16 +92,6 @@ void check_communication(GPTConfig flavour) {
   MESSAGE(fmt::format("{} cp {}: sent {} B over cp in one step, formula {} B", c.swiglu ? "Llama" : "GPT-2", cp, sent,
                       expected));
   CHECK(std::abs(double(sent - expected)) <= 0.01 * double(expected));
-}
-
-// T = 64, C = 64: activations dominate what a forward leaves behind.
-GPTConfig memory_config(GPTConfig flavour) {
-  auto c = tiny_config(flavour, /*layers=*/4);
-  c.hidden_size = 64;
-  c.seq_length = 64;
-  c.vocab_size = 128;
-  if (c.swiglu) c.ffn_hidden_size = 96;
-  return c;
 }
 }  // namespace test_cp_detail
 
@@ -211,5 +202,8 @@ TEST_SUITE("mpi_cp_np8") {
       check_training(flavour, Layout().with_tp(2).with_cp(2).with_pp(2), /*sequence_parallel=*/true);
       check_training(flavour, Layout().with_cp(2).with_dp(2).with_pp(2));
     }
+  }
+  TEST_CASE("cp parity: tp 2 x cp 2 x dp 2 (sequence parallel), Llama") {
+    check_training(GPTConfig::llama(), Layout().with_tp(2).with_cp(2).with_dp(2), /*sequence_parallel=*/true);
   }
 }

@@ -112,15 +112,6 @@ struct MemoryCase {
   bool sequence_parallel;
 };
 
-// A model whose activations dominate what a forward leaves behind (T = 64, C = 64).
-GPTConfig memory_config(GPTConfig flavour) {
-  auto c = tiny_config(flavour, /*layers=*/4);
-  c.hidden_size = 64;
-  c.seq_length = 64;
-  c.vocab_size = 128;
-  if (c.swiglu) c.ffn_hidden_size = 96;
-  return c;
-}
 
 // One step on this rank's layout; the most activation bytes its forwards held at once.
 int64_t measured_activation_bytes(const GPTConfig& c, const MemoryCase& k, const RecomputeOptions& r, ProcessGroups& g) {

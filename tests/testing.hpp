@@ -29,6 +29,17 @@ inline GPTConfig tiny_config(GPTConfig c, int64_t layers = 2) {
   return c;
 }
 
+// A model whose activations dominate what a forward leaves behind (T = 64, C = 64): the
+// memory tests measure it.
+inline GPTConfig memory_config(GPTConfig flavour) {
+  auto c = tiny_config(flavour, /*layers=*/4);
+  c.hidden_size = 64;
+  c.seq_length = 64;
+  c.vocab_size = 128;
+  if (c.swiglu) c.ffn_hidden_size = 96;
+  return c;
+}
+
 inline TrainConfig tiny_train(int64_t global_batch, int64_t micro_batch, int64_t iters = 20) {
   TrainConfig t;
   t.global_batch_size = global_batch;
