@@ -110,3 +110,4 @@ lightron_break_it_test(dp_average_twice 2 "dp parity: bucketed* one micro-batch 
 lightron_break_it_test(tp_f_backward 2 "tp parity: GPT-2")
 lightron_break_it_test(skip_embedding_all_reduce 2 "pp parity: 1F1B*GPT-2")
 lightron_break_it_test(skip_sp_grad_all_reduce 2 "tp parity: GPT-2 with sequence parallel")
+lightron_break_it_test(cp_local_positions 2 "cp parity: cp = world size*")

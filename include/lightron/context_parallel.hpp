@@ -60,7 +60,8 @@ inline void apply_context_parallel(GPT& model, const Group& cp, const SequenceSp
   require(split.size == cp.size, "the sequence split is for {} ranks, the cp group has {}", split.size, cp.size);
   auto ring = c10::make_intrusive<ring_detail::Ring>();
   ring->cp = cp, ring->split = split;
-  const Positions here = [rank = cp.rank, split](int64_t T, torch::Device d) { return positions_of(rank, split, T, d); };
+  Positions here = [rank = cp.rank, split](int64_t T, torch::Device d) { return positions_of(rank, split, T, d); };
+  if (planted_bug("cp_local_positions")) here = contiguous_positions;  // "break it", chapter 8
   model.positions = here;  // learned positions (wpe)
   for (auto& block : model.blocks) {
     if (!block) continue;  // another pipeline stage's

@@ -247,7 +247,7 @@ inline bool name_ends_with(const std::string& name, const std::string& suffix) {
   return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-// "Break it" exercises (tutorials, chapters 1-4): LIGHTRON_BREAK=<name> plants one real bug,
+// "Break it" exercises (tutorials, chapters 1-4 and 8): LIGHTRON_BREAK=<name> plants one real bug,
 // so that a student can watch a parity test catch it. Only the tests and the exercises set
 // it; an unknown name is an error, and a planted bug says so on stderr (rank 0, once).
 inline const std::vector<std::string>& planted_bug_names() {
@@ -255,7 +255,8 @@ inline const std::vector<std::string>& planted_bug_names() {
       "dp_average_twice",            // chapter 1: the gradients are divided by dp twice
       "tp_f_backward",               // chapter 2: f's backward forgets its all-reduce
       "skip_embedding_all_reduce",   // chapter 3: the tied embedding's copies drift apart
-      "skip_sp_grad_all_reduce"};    // chapter 4: sequence-parallel replicas are not summed over tp
+      "skip_sp_grad_all_reduce",     // chapter 4: sequence-parallel replicas are not summed over tp
+      "cp_local_positions"};         // chapter 8: each cp rank numbers its tokens from 0
   return names;
 }
 inline bool planted_bug(const std::string& name) {
