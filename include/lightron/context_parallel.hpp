@@ -58,8 +58,7 @@ inline Batch context_chunks(const Batch& b, int64_t rank, const SequenceSplit& s
 inline void apply_context_parallel(GPT& model, const Group& cp, const SequenceSplit& split) {
   if (cp.size == 1) return;
   require(split.size == cp.size, "the sequence split is for {} ranks, the cp group has {}", split.size, cp.size);
-  auto ring = c10::make_intrusive<ring_detail::Ring>();
-  ring->cp = cp, ring->split = split;
+  const auto ring = ring_detail::make_ring(cp, split);
   Positions here = [rank = cp.rank, split](int64_t T, torch::Device d) { return positions_of(rank, split, T, d); };
   if (planted_bug("cp_local_positions")) here = contiguous_positions;  // "break it", chapter 8
   model.positions = here;  // learned positions (wpe)

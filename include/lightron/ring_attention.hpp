@@ -89,6 +89,11 @@ struct Ring : torch::CustomClassHolder {
   Group cp;
   SequenceSplit split;
 };
+inline c10::intrusive_ptr<Ring> make_ring(const Group& cp, const SequenceSplit& split) {
+  auto ring = c10::make_intrusive<Ring>();
+  ring->cp = cp, ring->split = split;
+  return ring;
+}
 
 // The chunk pairs this rank computes when it holds key/value block `source`: (i, j) for its
 // query chunk i and the block's chunk j, skipping pairs wholly above the diagonal.
@@ -182,9 +187,7 @@ inline torch::Tensor ring_attention(const torch::Tensor& q, const torch::Tensor&
 }
 inline torch::Tensor ring_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                     const Group& cp, const SequenceSplit& split) {
-  auto ring = c10::make_intrusive<ring_detail::Ring>();
-  ring->cp = cp, ring->split = split;
-  return ring_attention(q, k, v, ring);
+  return ring_attention(q, k, v, ring_detail::make_ring(cp, split));
 }
 
 // Bytes one rank sends over the cp group per attention layer and micro-batch: forward, the
