@@ -4,7 +4,9 @@
 #   1. configure and build lightron against the pip LibTorch (CUDA), header-only fmt/doctest/
 #      CLI11/nlohmann brought along in $VENDOR (default .vendor/include);
 #   2. run the test suite's single-rank tests, then the CUDA suite (CPU-vs-CUDA fp32 parity,
-#      bf16 mixed precision);
+#      bf16 mixed precision); then the classroom on one GPU: the 2x2x2, tp 2, pp 2, dp 2, cp 2
+#      and ZeRO-3 dp 2 layouts with all their ranks on the one GPU (collectives over Gloo through host
+#      memory), each run's losses and gradient norms against one rank's, fp32 and bf16;
 #   3. train GPT-2 124M (12 layers, hidden 768, 12 heads, vocab 50304, seq 1024) in bf16 and
 #      print tokens/s and MFU against the GPU's dense bf16 peak (989 TFLOP/s, H100/H200 SXM);
 #   4. run the same model in PyTorch-Python, eager (torch.optim's default AdamW, then fused
@@ -73,6 +75,57 @@ else
   say "CUDA tests FAILED"; grep -E "ERROR|values|logged" "$out/cuda.log" | head -30; status=1
 fi
 grep -E "largest relative loss difference" "$out/cuda.log" | sed 's/.*MESSAGE: /  /' | tee -a "$report"
+
+# 2b. The classroom on one GPU: every layout's ranks share the device (plan_device sees more
+# ranks than GPUs and sends the collectives over Gloo through host memory; the CPU dry run
+# asks for that with --through-host), and reproduce one rank's losses and gradient norms.
+# fp32: 1e-5 relative, as the CPU parity tests. bf16: 2e-2, since products are rounded to 8
+# significant bits (2^-8 = 3.9e-3 relative) and a layout rounds different partial sums.
+launch() {  # N RUN_NAME COMMAND...: N ranks here; mpirun if there is one, else torchrun
+  local n=$1 name=$2; shift 2
+  if command -v mpirun > /dev/null; then
+    mpirun -np "$n" --oversubscribe --allow-run-as-root --bind-to none -x OMP_NUM_THREADS=1 \
+      -x MASTER_ADDR=127.0.0.1 -x MASTER_PORT="$port" "$@" > "$out/$name.log" 2>&1
+  else
+    OMP_NUM_THREADS=1 $py -m torch.distributed.run --no-python --nproc_per_node "$n" \
+      --master_addr 127.0.0.1 --master_port "$port" "$@" > "$out/$name.log" 2>&1
+  fi
+}
+port=${MASTER_PORT:-29590}
+classroom="--mock-data --vocab-size 512 --num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 64
+  --micro-batch-size 2 --global-batch-size 8 --train-iters 8 --lr 1e-3 --log-interval 1 $device"
+for precision in fp32 $([ $dry = 0 ] && echo bf16); do
+  flags=$classroom
+  [ $precision = bf16 ] && flags="$flags --bf16"
+  [ $dry = 1 ] && flags="$flags --through-host"
+  tolerance=$([ $precision = bf16 ] && echo 2e-2 || echo 1e-5)
+  launch 1 "one_rank_$precision" $build/examples/pretrain_gpt $flags --metrics-file "$out/one_rank_$precision.jsonl"
+  for layout in "8 2x2x2 --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2" \
+                "2 tp2 --tensor-model-parallel-size 2" "2 pp2 --pipeline-model-parallel-size 2" "2 dp2" \
+                "2 cp2 --context-parallel-size 2" "2 zero3 --data-parallel-sharding-strategy optim_grads_params"; do
+    read -r n name sizes <<< "$layout"
+    run="${name}_$precision"
+    launch "$n" "$run" $build/examples/pretrain_gpt $flags $sizes --metrics-file "$out/$run.jsonl"
+    grep -q "through host memory" "$out/$run.log" || { say "$run: the collectives did not go through host memory"; status=1; }
+    $py - "$out/one_rank_$precision.jsonl" "$out/$run.jsonl" "$tolerance" "$n ranks on one device, $name, $precision" \
+        <<'EOF' | tee -a "$report"
+import json, sys
+def steps(path):
+    try:
+        return [json.loads(l) for l in open(path) if '"loss"' in l]
+    except OSError:
+        return []
+ref, run, tolerance, what = steps(sys.argv[1]), steps(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+if not ref or len(run) != len(ref):
+    sys.exit(print(f"{what}: FAILED, {len(run)} of {len(ref)} steps (see its .log)") or 1)
+worst = max(abs(r[k] - o[k]) / abs(o[k]) for r, o in zip(run, ref) for k in ("loss", "grad_norm"))
+print(f"{what}: {len(run)} steps, max relative difference (loss, grad norm) {worst:.1e} "
+      f"{'<=' if worst <= tolerance else 'ABOVE'} {tolerance:g}")
+sys.exit(worst > tolerance)
+EOF
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  done
+done
 
 # 3. lightron, bf16 on the GPU (fp32 in the dry run)
 $build/examples/pretrain_gpt --mock-data $model $device $([ $dry = 0 ] && echo --bf16) \

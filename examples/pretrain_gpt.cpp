@@ -202,11 +202,18 @@ int main(int argc, char** argv) {
     const EarlyExit early_exit(a.exit_signal_handler, a.exit_interval, a.exit_duration_in_mins);
     validate_arguments(a, env.world_size);  // before anything big is allocated
     setup_process(a.num_threads);
-    const torch::Device device = a.device == "cuda" ? torch::Device(torch::kCUDA, env.local_rank) : torch::Device(torch::kCPU);
+    const DevicePlan plan = plan_device(a.device == "cuda", env, torch::cuda::device_count(), a.through_host);
+    const torch::Device device = plan.device;
     GroupOptions group_options;
     group_options.timeout = std::chrono::milliseconds(int64_t(a.distributed_timeout_seconds * 1000));
     group_options.cuda = device.is_cuda();
+    group_options.through_host = plan.through_host;
     auto groups = init_process_groups(a.layout, group_options);
+    if (plan.through_host && env.world_size > 1)
+      print0("lightron: {}collectives go over Gloo through host memory\n",
+             plan.shared ? fmt::format("{} ranks share {} GPU(s): ", env.local_world_size > 0 ? env.local_world_size
+                                                                     : env.world_size, torch::cuda::device_count())
+                         : "--through-host: ");
     print0("lightron: {} rank(s) via {} on {}{} | layout tp {} cp {} dp {} pp {} | vocab {} padded to {} (multiple of "
            "{} x tp)\n", env.world_size, env.launcher, a.device, a.bf16 ? " (bf16)" : "", a.layout.tp, a.layout.cp,
            a.layout.dp, a.layout.pp, a.vocab_size, a.model.vocab_size, a.make_vocab_size_divisible_by);

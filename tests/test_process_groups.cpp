@@ -22,7 +22,7 @@ LaunchEnv env_from(std::map<std::string, std::string> vars) { return launch_env(
 Master master_from(std::map<std::string, std::string> vars) { return master_endpoint(table_env(std::move(vars))); }
 
 // Runs body(rank, groups) on `world` threads, each a rank of `layout`.
-void on_threads(const Layout& layout, const std::function<void(int, ProcessGroups&)>& body) {
+void on_threads(const Layout& layout, const std::function<void(int, ProcessGroups&)>& body, const GroupOptions& opt = {}) {
   if (!kHaveGloo) {
     MESSAGE("skipped: this LibTorch build has no Gloo (several CPU ranks need it)");
     return;
@@ -33,7 +33,7 @@ void on_threads(const Layout& layout, const std::function<void(int, ProcessGroup
   for (int r = 0; r < layout.world(); ++r)
     threads.emplace_back([&, r] {
       try {
-        auto g = make_process_groups(store, r, layout);
+        auto g = make_process_groups(store, r, layout, opt);
         body(r, *g);
       } catch (const std::exception& e) {
         errors[r] = e.what();
@@ -58,10 +58,37 @@ TEST_CASE("launch env: Open MPI, MPICH, Slurm, torchrun, and a plain process") {
   CHECK((slurm.rank == 5 && slurm.world_size == 6 && slurm.local_rank == 0 && slurm.launcher == "Slurm"));
   auto torchrun = env_from({{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"LOCAL_RANK", "1"}});
   CHECK((torchrun.rank == 1 && torchrun.world_size == 2 && torchrun.local_rank == 1 && torchrun.launcher == "torchrun"));
+  CHECK(ompi.local_world_size == 0);  // not given: unknown
+  CHECK(env_from({{"OMPI_COMM_WORLD_RANK", "3"}, {"OMPI_COMM_WORLD_SIZE", "8"}, {"OMPI_COMM_WORLD_LOCAL_SIZE", "4"}})
+            .local_world_size == 4);
+  CHECK(env_from({{"PMI_RANK", "0"}, {"PMI_SIZE", "4"}, {"MPI_LOCALNRANKS", "2"}}).local_world_size == 2);
+  CHECK(env_from({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "6"}, {"SLURM_NTASKS_PER_NODE", "3"}}).local_world_size == 3);
+  CHECK(env_from({{"RANK", "0"}, {"WORLD_SIZE", "8"}, {"LOCAL_WORLD_SIZE", "8"}}).local_world_size == 8);
   auto plain = env_from({});
   CHECK((plain.rank == 0 && plain.world_size == 1 && plain.launcher == "single process"));
   CHECK_THROWS_AS(env_from({{"RANK", "x"}, {"WORLD_SIZE", "2"}}), UsageError);
   CHECK_THROWS_WITH(env_from({{"RANK", "4"}, {"WORLD_SIZE", "2"}}), doctest::Contains("outside world size 2"));
+}
+
+TEST_CASE("devices: a GPU per rank uses NCCL; ranks that outnumber the GPUs share them through host memory") {
+  LaunchEnv env;
+  env.rank = env.local_rank = 5;
+  env.world_size = env.local_world_size = 8;
+  const DevicePlan own = plan_device(/*cuda=*/true, env, /*gpus=*/8);
+  CHECK((own.device == torch::Device(torch::kCUDA, 5) && !own.through_host && !own.shared));
+  const DevicePlan one = plan_device(true, env, 1);  // the classroom's one GPU, eight ranks
+  CHECK((one.device == torch::Device(torch::kCUDA, 0) && one.through_host && one.shared));
+  const DevicePlan two = plan_device(true, env, 2);
+  CHECK((two.device == torch::Device(torch::kCUDA, 1) && two.through_host));
+  CHECK(plan_device(true, env, 8, /*through_host=*/true).through_host);  // asked for
+  env.local_world_size = 0;  // the launcher does not say: every rank counted as local
+  CHECK(plan_device(true, env, 4).through_host);
+  env.world_size = 1, env.rank = env.local_rank = 0;
+  CHECK(!plan_device(true, env, 1).through_host);
+  const DevicePlan cpu = plan_device(false, env, 0);
+  CHECK((cpu.device == torch::Device(torch::kCPU) && !cpu.through_host));
+  CHECK(plan_device(false, env, 0, true).through_host);
+  CHECK_THROWS_WITH(plan_device(true, env, 0), doctest::Contains("no CUDA device is visible"));
 }
 
 TEST_CASE("network: Slurm nodelists (compressed host lists) expand in order, keeping zero padding") {
@@ -180,6 +207,39 @@ TEST_CASE("collectives: portable average, all-gather and reduce-scatter give exa
     CHECK(slice[0][0].item<float>() == 10.0f * float(2 * rank));
     CHECK(slice[0][1].item<float>() == 10.0f * float(2 * rank + 1));
   });
+}
+
+// Through host copies (ranks sharing a GPU): on the CPU the copies are real, so a result that
+// is not copied back into the caller's tensor fails here.
+TEST_CASE("collectives: through host copies, every operation gives the caller the same numbers") {
+  GroupOptions through_host;
+  through_host.through_host = true;
+  on_threads(Layout().with_tp(2), [](int rank, ProcessGroups& g) {
+    REQUIRE(g.tp.through_host);
+    auto x = torch::full({2}, float(rank + 1));
+    all_reduce(g.tp, x, /*average=*/true);
+    CHECK(x[0].item<float>() == 1.5f);
+    auto m = torch::full({1}, float(rank));
+    all_reduce_max(g.tp, m);
+    CHECK(m.item<float>() == 1.0f);
+    auto b = torch::full({3}, float(rank + 7));
+    broadcast(g.tp, b, /*root=*/1);
+    CHECK(b[2].item<float>() == 8.0f);
+    CHECK(all_gather(g.tp, torch::full({1}, float(rank)), 0).sum().item<float>() == 1.0f);
+    auto slice = reduce_scatter(g.tp, torch::arange(4, torch::kFloat), 0);  // (0 1 | 2 3) x 2
+    CHECK(slice[1].item<float>() == 2.0f * float(2 * rank + 1));
+    torch::Tensor got;
+    reduce_scatter_async(g.tp, torch::ones({4}), [&](torch::Tensor t) { got = t; }).wait();
+    CHECK(got.sum().item<float>() == 4.0f);
+    auto flat = torch::zeros({4});
+    all_gather_into_async(g.tp, torch::full({2}, float(rank + 1)), flat).wait();
+    CHECK(flat[3].item<float>() == 2.0f);
+    auto out = torch::full({2}, float(rank + 10)), in = torch::zeros({2});
+    auto sent = send_async(g.tp, out, 1 - rank, /*tag=*/3);
+    auto received = recv_async(g.tp, in, 1 - rank, /*tag=*/3);
+    sent.wait(), received.wait();
+    CHECK(in[0].item<float>() == float(1 - rank + 10));
+  }, through_host);
 }
 
 TEST_CASE("collectives: calls and bytes are counted per group and operation") {

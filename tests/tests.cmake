@@ -65,8 +65,9 @@ add_test(NAME hf_check COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/hf_c
 add_test(NAME tensorboard COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/tensorboard_check.py --build ${PROJECT_BINARY_DIR})
 add_test(NAME consumer COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/consumer/../consumer_test.sh ${PROJECT_SOURCE_DIR} ${CMAKE_CURRENT_BINARY_DIR}/consumer_work)
 # bench/gpu_check.sh's logic at toy size on the CPU (the GPU machine runs it for real).
-add_test(NAME gpu_check_dry_run COMMAND env PYTHON=/usr/bin/python3 BUILD=${PROJECT_BINARY_DIR}
+add_test(NAME gpu_check_dry_run COMMAND env PYTHON=/usr/bin/python3 BUILD=${PROJECT_BINARY_DIR} MASTER_PORT=${LIGHTRON_NEXT_PORT}
          OUT=${CMAKE_CURRENT_BINARY_DIR}/gpu_check_dry_run bash ${PROJECT_SOURCE_DIR}/bench/gpu_check.sh --cpu-dry-run)
+math(EXPR LIGHTRON_NEXT_PORT "${LIGHTRON_NEXT_PORT} + 1")
 # bench/profile_step.py's two traces and its table (a smoke test: the numbers are the bench's).
 add_test(NAME profile_step COMMAND /usr/bin/python3 ${PROJECT_SOURCE_DIR}/bench/profile_step.py --build ${PROJECT_BINARY_DIR}
          --config tiny --top 5)

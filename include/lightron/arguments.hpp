@@ -55,12 +55,12 @@ struct Arguments {
   RecomputeOptions recompute;
   std::string device;  // cpu | cuda; empty: cuda when available
   bool bf16 = false;
+  bool through_host = false;          // collectives over Gloo through host copies (process_groups.hpp)
   int64_t sample_tokens = 0;          // after training, print samples of this many tokens
   int64_t num_samples_to_print = 3;
   double temperature = 0.8;
   int64_t top_k = 40;
 };
-
 
 inline void add_model_flags(CLI::App& app, GPTConfig& m) {
   app.add_option("--num-layers", m.num_layers, "transformer blocks (L)");
@@ -124,6 +124,7 @@ inline Arguments parse_arguments(int argc, char** argv, const std::string& descr
   app.add_option("--timeline-file", a.timeline_file, "JSON lines of the pipeline timeline, PATH.rankN per rank");
   app.add_option("--device", a.device, "cpu or cuda (default: cuda when available)");
   app.add_flag("--bf16", a.bf16, "bf16 compute with fp32 master weights (CUDA)");
+  app.add_flag("--through-host", a.through_host, "collectives over Gloo via host copies (automatic: ranks > GPUs)");
   app.add_flag("--dry-run", a.dry_run, "print each rank's memory for this layout and exit (one process)");
   app.add_flag("--measure", a.measure, "with --dry-run: one step per rank (threads of this process), activations measured");
   app.add_option("--recompute-granularity", a.recompute.granularity, "full or selective activation recompute");

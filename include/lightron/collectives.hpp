@@ -4,6 +4,8 @@
 //     plot against the analytical formulas;
 //   * gives portable versions of what Gloo in LibTorch 1.13 lacks (AVG = SUM then divide;
 //     reduce-scatter from all-to-all; all-gather into one tensor from the list form);
+//   * lets ranks that share one GPU talk: NCCL wants a GPU per rank, so their groups are Gloo
+//     and every CUDA tensor goes through a host copy (Group::through_host);
 //   * turns a failed or timed-out call into one line naming the group, the operation and its
 //     number ("all_reduce #37 on the dp group"), and the ranks that are stopped or lost
 //     (resilience.hpp), and ends the process (exit 1) instead of hanging.
@@ -30,7 +32,20 @@ struct Group {
   BackendPtr pg;          // null when this rank is alone (size 1): calls are no-ops
   int rank = 0, size = 1; // this rank's index in the group, and the group's size
   std::vector<int> ranks; // global ranks of the members, by group rank
+  bool through_host = false;  // Gloo for CUDA tensors: each goes out through a host copy and back
 };
+
+// What a call hands to the backend: `t` itself, or for a through-host group a host copy of it
+// (a real copy on the CPU too, so that the CPU tests prove every result is copied back).
+inline torch::Tensor on_wire(const Group& g, const torch::Tensor& t) {
+  return g.through_host ? t.to(torch::kCPU, /*non_blocking=*/false, /*copy=*/true) : t;
+}
+// The result back where the caller holds it: into `t` (in-place operations), or a new tensor
+// on `like`'s device.
+inline void from_wire(const torch::Tensor& wire, torch::Tensor& t) {
+  if (!wire.is_same(t)) t.copy_(wire);
+}
+inline torch::Tensor from_wire(const torch::Tensor& wire, const torch::Tensor& like) { return wire.to(like.device()); }
 
 // Calls, bytes and seconds of one (group, operation). Bytes are what this rank hands in:
 // the whole tensor for all-reduce and reduce-scatter, its own piece for all-gather.
@@ -164,9 +179,12 @@ inline Pending launch(const Group& g, const std::string& op, int64_t bytes, Laun
 // [snippet: all_reduce_async]
 inline Pending all_reduce_async(const Group& g, torch::Tensor t, bool average = false) {
   if (g.size == 1) return Pending{};
-  std::vector<torch::Tensor> tensors{t};
+  std::vector<torch::Tensor> tensors{on_wire(g, t)};
   auto p = launch(g, "all_reduce", nbytes(t), [&] { return g.pg->allreduce(tensors); });
-  if (average) p.then = [t, n = g.size]() mutable { t.div_(n); };  // Gloo 1.13 has no AVG
+  p.then = [t, wire = tensors[0], n = average ? g.size : 1]() mutable {
+    from_wire(wire, t);
+    if (n > 1) t.div_(n);  // Gloo 1.13 has no AVG
+  };
   return p;
 // [end snippet: all_reduce_async]
 }
@@ -174,28 +192,46 @@ inline void all_reduce(const Group& g, torch::Tensor t, bool average = false) { 
 
 inline void all_reduce_max(const Group& g, torch::Tensor t) {
   if (g.size == 1) return;
-  std::vector<torch::Tensor> tensors{t};
+  std::vector<torch::Tensor> tensors{on_wire(g, t)};
   c10d::AllreduceOptions opts;
   opts.reduceOp = c10d::ReduceOp::MAX;
   launch(g, "all_reduce", nbytes(t), [&] { return g.pg->allreduce(tensors, opts); }).wait();
+  from_wire(tensors[0], t);
 }
 
 inline void broadcast(const Group& g, torch::Tensor t, int root) {
   if (g.size == 1) return;
-  std::vector<torch::Tensor> tensors{t};
+  std::vector<torch::Tensor> tensors{on_wire(g, t)};
   c10d::BroadcastOptions opts;
   opts.rootRank = root;
   launch(g, "broadcast", nbytes(t), [&] { return g.pg->broadcast(tensors, opts); }).wait();
+  from_wire(tensors[0], t);
 }
 
 // Concatenate every rank's `t` along `dim`: (…, n, …) -> (…, size·n, …).
 inline torch::Tensor all_gather(const Group& g, const torch::Tensor& t, int64_t dim) {
   if (g.size == 1) return t;
-  std::vector<torch::Tensor> input{t.contiguous()};
+  std::vector<torch::Tensor> input{on_wire(g, t.contiguous())};
   std::vector<std::vector<torch::Tensor>> output(1);
   for (int i = 0; i < g.size; ++i) output[0].push_back(torch::empty_like(input[0]));
   launch(g, "all_gather", nbytes(t), [&] { return g.pg->allgather(output, input); }).wait();
-  return torch::cat(output[0], dim);
+  return from_wire(torch::cat(output[0], dim), t);
+}
+
+// The same into one flat buffer, asynchronously (ZeRO-3): `out` (size·n elements) gets rank
+// r's `slice` (n elements) at r·n when the Pending is waited.
+inline Pending all_gather_into_async(const Group& g, const torch::Tensor& slice, torch::Tensor out) {
+  if (g.size == 1) {
+    out.copy_(slice);
+    return Pending{};
+  }
+  const auto wire = g.through_host ? torch::empty(out.sizes(), out.options().device(torch::kCPU)) : out;
+  std::vector<std::vector<torch::Tensor>> pieces(1);
+  for (int r = 0; r < g.size; ++r) pieces[0].push_back(wire.narrow(0, r * slice.numel(), slice.numel()));
+  std::vector<torch::Tensor> input{on_wire(g, slice)};
+  auto p = launch(g, "all_gather", nbytes(slice), [&] { return g.pg->allgather(pieces, input); });
+  p.then = [wire, out, input]() mutable { from_wire(wire, out); };
+  return p;
 }
 
 // Sum across the group, each rank keeping its 1/size slice along `dim`. Built from
@@ -203,11 +239,11 @@ inline torch::Tensor all_gather(const Group& g, const torch::Tensor& t, int64_t 
 // the wire as a ring reduce-scatter, and available in Gloo 1.13, which has no reduce_scatter.
 inline torch::Tensor reduce_scatter(const Group& g, const torch::Tensor& t, int64_t dim) {
   if (g.size == 1) return t;
-  auto send = torch::stack(t.chunk(g.size, dim), 0).contiguous();  // (size, ...slice)
+  auto send = on_wire(g, torch::stack(t.chunk(g.size, dim), 0).contiguous());  // (size, ...slice)
   auto recv = torch::empty_like(send);
   std::vector<int64_t> splits;  // empty: equal splits
   launch(g, "reduce_scatter", nbytes(t), [&] { return g.pg->alltoall_base(recv, send, splits, splits); }).wait();
-  return recv.sum(0);
+  return from_wire(recv.sum(0), t);
 }
 
 // The same for a flat buffer, asynchronously (ZeRO): `t` holds size·n elements, rank j's
@@ -218,22 +254,26 @@ inline Pending reduce_scatter_async(const Group& g, const torch::Tensor& t, std:
     done(t.clone());
     return Pending{};
   }
-  auto send = t.view({g.size, -1});
+  auto send = on_wire(g, t).view({g.size, -1});
   auto recv = torch::empty_like(send);
   std::vector<int64_t> splits;  // empty: equal splits
   auto p = launch(g, "reduce_scatter", nbytes(t), [&] { return g.pg->alltoall_base(recv, send, splits, splits); });
-  p.then = [send, recv, done = std::move(done)] { done(recv.sum(0)); };
+  p.then = [send, recv, t, done = std::move(done)] { done(from_wire(recv.sum(0), t)); };
   return p;
 }
 
 // Point-to-point; post both sides before waiting on either (a ring can deadlock otherwise).
 inline Pending send_async(const Group& g, torch::Tensor t, int dst_group_rank, int tag) {
-  std::vector<torch::Tensor> tensors{t};
-  return launch(g, "send", nbytes(t), [&] { return g.pg->send(tensors, dst_group_rank, tag); });
+  std::vector<torch::Tensor> tensors{on_wire(g, t)};
+  auto p = launch(g, "send", nbytes(t), [&] { return g.pg->send(tensors, dst_group_rank, tag); });
+  p.then = [wire = tensors[0]] {};  // a host copy lives until the send is done
+  return p;
 }
 inline Pending recv_async(const Group& g, torch::Tensor t, int src_group_rank, int tag) {
-  std::vector<torch::Tensor> tensors{t};
-  return launch(g, "recv", nbytes(t), [&] { return g.pg->recv(tensors, src_group_rank, tag); });
+  std::vector<torch::Tensor> tensors{g.through_host ? torch::empty(t.sizes(), t.options().device(torch::kCPU)) : t};
+  auto p = launch(g, "recv", nbytes(t), [&] { return g.pg->recv(tensors, src_group_rank, tag); });
+  p.then = [t, wire = tensors[0]]() mutable { from_wire(wire, t); };
+  return p;
 }
 
 inline void barrier(const Group& g) {

@@ -87,13 +87,14 @@ inline BackendPtr make_backend(const c10::intrusive_ptr<c10d::Store>& store, con
                                int size, const GroupOptions& opt) {
   auto prefixed = c10::make_intrusive<c10d::PrefixStore>(prefix, store);
 #ifdef LIGHTRON_HAVE_NCCL
-  if (opt.cuda) {
+  if (opt.cuda && !opt.through_host) {
     auto nccl = c10d::ProcessGroupNCCL::Options::create();
     nccl->timeout = opt.timeout;
     return c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, size, nccl);
   }
 #endif
-  require(!opt.cuda, "--device cuda with several ranks needs NCCL (nccl.h and a LibTorch built with it)");
+  require(!opt.cuda || opt.through_host, "--device cuda with several ranks needs NCCL (nccl.h and a LibTorch built "
+          "with it), or --through-host");
 #ifdef LIGHTRON_HAVE_GLOO
   auto gloo = c10d::ProcessGroupGloo::Options::create(opt.timeout);
   gloo->devices.push_back(gloo_device());
@@ -141,7 +142,7 @@ inline std::unique_ptr<ProcessGroups> make_process_groups(const c10::intrusive_p
   g->coords = coords_of(rank, layout);
   g->store = store;
   auto build = [&](const std::string& name, std::vector<int> members) {
-    Group group{name, BackendPtr(), 0, static_cast<int>(members.size()), members};
+    Group group{name, BackendPtr(), 0, static_cast<int>(members.size()), members, opt.through_host};
     group.rank = static_cast<int>(std::find(members.begin(), members.end(), rank) - members.begin());
     if (group.size > 1) group.pg = make_backend(store, fmt::format("{}/{}", name, members[0]), group.rank, group.size, opt);
     return group;
@@ -164,6 +165,26 @@ inline std::unique_ptr<ProcessGroups> make_process_groups(const c10::intrusive_p
   if (layout.pp > 1 && (g->pp_is_first_stage() || g->pp_is_last_stage()))
     g->embedding = build("embedding", {g->pp.ranks.front(), g->pp.ranks.back()});
   return g;
+}
+
+// Which device this rank computes on, and whether its groups go through host memory. NCCL
+// wants a GPU per rank. With more ranks on a host than GPUs (one classroom GPU hosting the
+// 2x2x2 course layout's eight ranks) the ranks share the GPUs round-robin and their
+// collectives go over Gloo through host copies; `through_host` asks for that anyway (on
+// the CPU it makes every collective copy, which is how the CPU tests cover this path).
+// Assumes every host has as many GPUs and ranks as this one.
+struct DevicePlan {
+  torch::Device device = torch::kCPU;
+  bool through_host = false;
+  bool shared = false;  // several ranks compute on this rank's GPU
+};
+inline DevicePlan plan_device(bool cuda, const LaunchEnv& env, int64_t gpus, bool through_host = false) {
+  if (!cuda) return {torch::kCPU, through_host, false};
+  require(gpus >= 1, "--device cuda: no CUDA device is visible; use --device cpu");
+  const int64_t local_ranks = env.local_world_size > 0 ? env.local_world_size : env.world_size;
+  const bool shared = local_ranks > gpus;
+  return {torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(env.local_rank % gpus)), through_host || shared,
+          shared};
 }
 
 // "[rank 5 | tp 1 dp 0 pp 1]": every message of this process from now on starts with it.

@@ -22,6 +22,7 @@ namespace lightron {
 
 struct LaunchEnv {
   int rank = 0, world_size = 1, local_rank = 0;
+  int local_world_size = 0;  // ranks on this host; 0: the launcher does not say
   std::string launcher = "single process";
 };
 
@@ -31,11 +32,12 @@ inline const char* process_env(const char* key) { return std::getenv(key); }
 
 // Reads the launcher's variables.
 inline LaunchEnv launch_env(const Getenv& get = process_env) {
-  struct Names { const char *launcher, *rank, *size, *local; };
-  const Names launchers[] = {{"Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"},
-                             {"MPICH/Hydra", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"},
-                             {"Slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"},
-                             {"torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"}};
+  struct Names { const char *launcher, *rank, *size, *local, *local_size; };
+  const Names launchers[] = {
+      {"Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"},
+      {"MPICH/Hydra", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"},
+      {"Slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"},
+      {"torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}};
   auto number = [&](const char* key, int fallback) {
     const char* text = get(key);
     if (text == nullptr) return fallback;
@@ -46,7 +48,7 @@ inline LaunchEnv launch_env(const Getenv& get = process_env) {
   };
   for (const auto& n : launchers) {
     if (get(n.rank) == nullptr) continue;
-    LaunchEnv env{number(n.rank, 0), number(n.size, 1), number(n.local, 0), n.launcher};
+    LaunchEnv env{number(n.rank, 0), number(n.size, 1), number(n.local, 0), number(n.local_size, 0), n.launcher};
     require(env.world_size >= 1 && env.rank < env.world_size, "{}: rank {} is outside world size {} ({} / {})",
             n.launcher, env.rank, env.world_size, n.rank, n.size);
     return env;
@@ -101,6 +103,7 @@ inline Master master_endpoint(const Getenv& get = process_env) {
 struct GroupOptions {
   std::chrono::milliseconds timeout{60000};  // collectives and rendezvous; c10d's default is 30 min
   bool cuda = false;                         // NCCL for CUDA tensors, Gloo otherwise
+  bool through_host = false;                 // Gloo even for CUDA tensors, through host copies
 };
 
 // The launcher's ranks meet at MASTER_ADDR:MASTER_PORT; rank 0 hosts the TCPStore (unless

@@ -117,10 +117,7 @@ class ShardedWeights {
   // [snippet: zero3_gather]
   void start_gather(Bucket& b) {  // every rank's slice into one padded buffer, asynchronously
     b.incoming = torch::empty({b.slice.numel() * dp_.size}, b.slice.options());
-    std::vector<std::vector<torch::Tensor>> out(1);
-    for (int r = 0; r < dp_.size; ++r) out[0].push_back(b.incoming.narrow(0, r * b.slice.numel(), b.slice.numel()));
-    std::vector<torch::Tensor> in{b.slice};
-    b.pending = launch(dp_, "all_gather", nbytes(b.slice), [&] { return dp_.pg->allgather(out, in); });
+    b.pending = all_gather_into_async(dp_, b.slice, b.incoming);
   }
   void gather_bucket(Bucket& b) {
     if (b.gathered) return;
