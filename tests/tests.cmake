@@ -71,6 +71,10 @@ math(EXPR LIGHTRON_NEXT_PORT "${LIGHTRON_NEXT_PORT} + 1")
 # bench/profile_step.py's two traces and its table (a smoke test: the numbers are the bench's).
 add_test(NAME profile_step COMMAND /usr/bin/python3 ${PROJECT_SOURCE_DIR}/bench/profile_step.py --build ${PROJECT_BINARY_DIR}
          --config tiny --top 5)
+# bench/demo_speed.py's runs and tables at a few steps (a smoke test: the numbers are the bench's).
+add_test(NAME demo_speed COMMAND /usr/bin/python3 ${PROJECT_SOURCE_DIR}/bench/demo_speed.py --build ${PROJECT_BINARY_DIR}
+         --iters 12 --port ${LIGHTRON_NEXT_PORT})
+math(EXPR LIGHTRON_NEXT_PORT "${LIGHTRON_NEXT_PORT} + 1")
 add_test(NAME tutorials COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/tutorial_commands.py --root ${PROJECT_SOURCE_DIR} --timeout 600)
 set_tests_properties(tutorials PROPERTIES RUN_SERIAL ON TIMEOUT 1800)
 
