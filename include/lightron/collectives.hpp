@@ -40,12 +40,14 @@ struct Group {
 inline torch::Tensor on_wire(const Group& g, const torch::Tensor& t) {
   return g.through_host ? t.to(torch::kCPU, /*non_blocking=*/false, /*copy=*/true) : t;
 }
-// The result back where the caller holds it: into `t` (in-place operations), or a new tensor
-// on `like`'s device.
-inline void from_wire(const torch::Tensor& wire, torch::Tensor& t) {
+// The result back where the caller holds it: copied into `t` (in-place operations; nothing to
+// do when `wire` is `t`), or returned on `like`'s device.
+inline void copy_from_wire(const torch::Tensor& wire, torch::Tensor t) {
   if (!wire.is_same(t)) t.copy_(wire);
 }
-inline torch::Tensor from_wire(const torch::Tensor& wire, const torch::Tensor& like) { return wire.to(like.device()); }
+[[nodiscard]] inline torch::Tensor from_wire(const torch::Tensor& wire, const torch::Tensor& like) {
+  return wire.to(like.device());
+}
 
 // Calls, bytes and seconds of one (group, operation). Bytes are what this rank hands in:
 // the whole tensor for all-reduce and reduce-scatter, its own piece for all-gather.
@@ -182,7 +184,7 @@ inline Pending all_reduce_async(const Group& g, torch::Tensor t, bool average = 
   std::vector<torch::Tensor> tensors{on_wire(g, t)};
   auto p = launch(g, "all_reduce", nbytes(t), [&] { return g.pg->allreduce(tensors); });
   p.then = [t, wire = tensors[0], n = average ? g.size : 1]() mutable {
-    from_wire(wire, t);
+    copy_from_wire(wire, t);
     if (n > 1) t.div_(n);  // Gloo 1.13 has no AVG
   };
   return p;
@@ -196,7 +198,7 @@ inline void all_reduce_max(const Group& g, torch::Tensor t) {
   c10d::AllreduceOptions opts;
   opts.reduceOp = c10d::ReduceOp::MAX;
   launch(g, "all_reduce", nbytes(t), [&] { return g.pg->allreduce(tensors, opts); }).wait();
-  from_wire(tensors[0], t);
+  copy_from_wire(tensors[0], t);
 }
 
 inline void broadcast(const Group& g, torch::Tensor t, int root) {
@@ -205,7 +207,7 @@ inline void broadcast(const Group& g, torch::Tensor t, int root) {
   c10d::BroadcastOptions opts;
   opts.rootRank = root;
   launch(g, "broadcast", nbytes(t), [&] { return g.pg->broadcast(tensors, opts); }).wait();
-  from_wire(tensors[0], t);
+  copy_from_wire(tensors[0], t);
 }
 
 // Concatenate every rank's `t` along `dim`: (…, n, …) -> (…, size·n, …).
@@ -230,7 +232,7 @@ inline Pending all_gather_into_async(const Group& g, const torch::Tensor& slice,
   for (int r = 0; r < g.size; ++r) pieces[0].push_back(wire.narrow(0, r * slice.numel(), slice.numel()));
   std::vector<torch::Tensor> input{on_wire(g, slice)};
   auto p = launch(g, "all_gather", nbytes(slice), [&] { return g.pg->allgather(pieces, input); });
-  p.then = [wire, out, input]() mutable { from_wire(wire, out); };
+  p.then = [wire, out, input]() { copy_from_wire(wire, out); };
   return p;
 }
 
@@ -272,7 +274,7 @@ inline Pending send_async(const Group& g, torch::Tensor t, int dst_group_rank, i
 inline Pending recv_async(const Group& g, torch::Tensor t, int src_group_rank, int tag) {
   std::vector<torch::Tensor> tensors{g.through_host ? torch::empty(t.sizes(), t.options().device(torch::kCPU)) : t};
   auto p = launch(g, "recv", nbytes(t), [&] { return g.pg->recv(tensors, src_group_rank, tag); });
-  p.then = [t, wire = tensors[0]]() mutable { from_wire(wire, t); };
+  p.then = [t, wire = tensors[0]]() { copy_from_wire(wire, t); };
   return p;
 }
 

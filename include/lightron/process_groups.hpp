@@ -101,7 +101,8 @@ inline BackendPtr make_backend(const c10::intrusive_ptr<c10d::Store>& store, con
   return c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, gloo);
 #else
   (void)prefixed;
-  throw UsageError(fmt::format("several CPU ranks need Gloo, and this build has none: {}", kNoGlooReason));
+  throw UsageError(fmt::format("several CPU ranks (or ranks sharing a GPU) need Gloo, and this build has none: {}",
+                               kNoGlooReason));
 #endif
 }
 
