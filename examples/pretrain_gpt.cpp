@@ -209,11 +209,11 @@ int main(int argc, char** argv) {
     group_options.cuda = device.is_cuda();
     group_options.through_host = plan.through_host;
     auto groups = init_process_groups(a.layout, group_options);
-    if (plan.through_host && env.world_size > 1)
+    if (groups->world.through_host && env.world_size > 1)  // agreed: another rank's host may be the shared one
       print0("lightron: {}collectives go over Gloo through host memory\n",
              plan.shared ? fmt::format("{} ranks share {} GPU(s): ", env.local_world_size > 0 ? env.local_world_size
                                                                      : env.world_size, torch::cuda::device_count())
-                         : "--through-host: ");
+                         : a.through_host ? "--through-host: " : "ranks elsewhere share GPUs: ");
     print0("lightron: {} rank(s) via {} on {}{} | layout tp {} cp {} dp {} pp {} | vocab {} padded to {} (multiple of "
            "{} x tp)\n", env.world_size, env.launcher, a.device, a.bf16 ? " (bf16)" : "", a.layout.tp, a.layout.cp,
            a.layout.dp, a.layout.pp, a.vocab_size, a.model.vocab_size, a.make_vocab_size_divisible_by);

@@ -126,6 +126,18 @@ TEST_SUITE("mpi_dp") {
                       doctest::Contains(fmt::format("rank(s) {} differ from rank 0", g->dp.ranks[1]).c_str()));
   }
 
+  TEST_CASE("groups: one rank's wish to go through host memory is every rank's (the transport is agreed)") {
+    const LaunchEnv env = launch_env();
+    GroupOptions opt;
+    opt.through_host = env.rank == env.world_size - 1;  // say, the last rank's host has fewer GPUs than ranks
+    auto g = init_process_groups(Layout().with_dp(env.world_size), opt);
+    CHECK(g->world.through_host);
+    CHECK(g->dp.through_host);
+    auto x = torch::full({3}, float(env.rank));
+    all_reduce(g->dp, x);
+    CHECK(x[2].item<float>() == float(env.world_size * (env.world_size - 1) / 2));
+    CHECK(!init_process_groups(Layout().with_dp(env.world_size))->dp.through_host);  // nobody asks: NCCL/Gloo as usual
+  }
   TEST_CASE("dp data: ranks read disjoint samples whose union is the whole epoch") {
     auto g = dp_groups();
     const int64_t num_samples = 64;

@@ -173,7 +173,7 @@ inline std::unique_ptr<ProcessGroups> make_process_groups(const c10::intrusive_p
 // 2x2x2 course layout's eight ranks) the ranks share the GPUs round-robin and their
 // collectives go over Gloo through host copies; `through_host` asks for that anyway (on
 // the CPU it makes every collective copy, which is how the CPU tests cover this path).
-// Assumes every host has as many GPUs and ranks as this one.
+// init_process_groups makes the choice every rank's (agree_through_host).
 struct DevicePlan {
   torch::Device device = torch::kCPU;
   bool through_host = false;
@@ -197,6 +197,16 @@ inline void set_rank_prefix(const ProcessGroups& g) {
                                                 g.coords.pp);
 }
 
+// Every rank must use the same transport, so the choice is agreed: if any rank goes through
+// host memory (its host has more ranks than GPUs, or --through-host), all do. The last rank
+// to arrive writes the decision; its count of wishes includes everyone's.
+inline bool agree_through_host(c10d::Store& store, bool mine, int world_size) {
+  store.add("through_host/wishes", mine ? 1 : 0);
+  if (store.add("through_host/arrived", 1) == world_size) store.set("through_host/decided", std::vector<uint8_t>{1});
+  store.wait({"through_host/decided"});
+  return store.add("through_host/wishes", 0) > 0;
+}
+
 // The groups of `layout` for this process. May be called again (a test trying several
 // layouts): each call's groups live under their own store prefix.
 inline std::unique_ptr<ProcessGroups> init_process_groups(const Layout& layout, const GroupOptions& opt = {}) {
@@ -207,7 +217,9 @@ inline std::unique_ptr<ProcessGroups> init_process_groups(const Layout& layout, 
   c10::intrusive_ptr<c10d::Store> store = env.world_size == 1 ? c10::intrusive_ptr<c10d::Store>(c10::make_intrusive<c10d::HashStore>())
                                                               : rendezvous(env, opt);
   auto prefixed = c10::make_intrusive<c10d::PrefixStore>(fmt::format("lightron/{}", generation++), store);
-  auto g = make_process_groups(prefixed, env.rank, layout, opt);
+  GroupOptions agreed = opt;
+  agreed.through_host = agree_through_host(*prefixed, opt.through_host, env.world_size);
+  auto g = make_process_groups(prefixed, env.rank, layout, agreed);
   g->local_rank = env.local_rank;
   set_rank_prefix(*g);
   return g;
