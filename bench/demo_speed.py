@@ -108,8 +108,9 @@ def main():
     print(f"{'run':44} {'tokens/s':>9} {'ms/step':>8} {'CPU s/step':>10} {'cores busy':>10}")
     with tempfile.TemporaryDirectory() as work:
         for name, ranks, threads, layout in runs:
-            _, cpu_short, _ = run(args, work, name.split(",")[0].replace(" ", "_"), ranks, threads, layout, short)
-            ms, cpu_long, out = run(args, work, name.split(",")[0].replace(" ", "_"), ranks, threads, layout, args.iters)
+            label = name.split(",")[0].replace(" ", "_")
+            _, cpu_short, _ = run(args, work, label, ranks, threads, layout, short)
+            ms, cpu_long, out = run(args, work, label, ranks, threads, layout, args.iters)
             cpu_step = (cpu_long - cpu_short) / (args.iters - short)
             busy = cpu_step / (ms / 1000) / cores
             print(f"{name:44} {TOKENS_PER_STEP / (ms / 1000):9.0f} {ms:8.1f} {cpu_step:10.3f} {100 * busy:9.0f}%")
