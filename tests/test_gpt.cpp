@@ -128,6 +128,89 @@ TEST_CASE("train: AdamW matches torch.optim.AdamW's update rule on one step") {
   CHECK(p[1].item<double>() == doctest::Approx(-2.1));
 }
 
+// kernels.hpp: AdamW in one pass against the _foreach_ form, over 5 steps with weight decay
+// (FMA and the order of the two divisions differ: a few ulps).
+TEST_CASE("kernels: adamw_one_pass takes the _foreach_ AdamW's steps") {
+  torch::manual_seed(0);
+  TrainConfig t;
+  t.weight_decay = 0.1;
+  auto make = [] { return std::vector<torch::Tensor>{torch::randn({70000}), torch::randn({3, 5})}; };
+  auto p = make(), m = make(), v = make();
+  for (auto& x : v) x.abs_();
+  std::vector<torch::Tensor> p1, m1, v1;
+  for (size_t i = 0; i < p.size(); ++i) p1.push_back(p[i].clone()), m1.push_back(m[i].clone()), v1.push_back(v[i].clone());
+  AdamW reference({}, t);
+  for (int step = 1; step <= 5; ++step) {
+    const auto g = make();
+    reference.step_count = step;
+    reference.foreach_adamw(p, g, m, v, /*lr=*/1e-2, t.weight_decay);
+    const auto version = p1[0]._version();
+    REQUIRE(adamw_one_pass_applies(p1, g, m1, v1));
+    adamw_one_pass(p1, g, m1, v1, step, 1e-2, t.adam_beta1, t.adam_beta2, t.weight_decay, t.adam_eps);
+    CHECK(p1[0]._version() > version);  // autograd sees the weights change
+  }
+  for (size_t i = 0; i < p.size(); ++i) {
+    CHECK(torch::allclose(p1[i], p[i], /*rtol=*/1e-6, /*atol=*/1e-7));
+    CHECK(torch::allclose(m1[i], m[i], 1e-6, 1e-7));
+    CHECK(torch::allclose(v1[i], v[i], 1e-6, 1e-7));
+  }
+  CHECK_FALSE(adamw_one_pass_applies({p[0].to(torch::kDouble)}, {p[0]}, {p[0]}, {p[0]}));
+  CHECK_FALSE(adamw_one_pass_applies({p[1].t()}, {p[0]}, {p[0]}, {p[0]}));  // not contiguous
+}
+
+// kernels.hpp: the loss's in-place backward against log_softmax + nll_loss's, bit for bit.
+TEST_CASE("kernels: cross_entropy_loss gives log_softmax + nll_loss's loss and gradient exactly") {
+  torch::manual_seed(0);
+  for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    auto x = (3 * torch::randn({37, 1000})).to(dtype).set_requires_grad(true);
+    auto y = torch::randint(1000, {37}, torch::kLong);
+    auto loss = lightron::cross_entropy_loss(x, y);
+    (2.5 * loss).backward();
+    auto x0 = x.detach().clone().set_requires_grad(true);
+    auto loss0 = torch::nll_loss(torch::log_softmax(x0, -1, torch::kFloat), y);
+    (2.5 * loss0).backward();
+    const float got = loss.item<float>(), want = loss0.item<float>();
+    CHECK(got == want);
+    CHECK((x.grad().scalar_type() == dtype));
+    CHECK(torch::equal(x.grad(), x0.grad()));
+  }
+}
+
+TEST_CASE("kernels: cross_entropy_loss refuses what it cannot do rather than answer wrongly") {
+  auto x = torch::randn({4, 10}).set_requires_grad(true);
+  auto y = torch::tensor({1, 2, 3, 4}, torch::kLong);
+  auto loss = lightron::cross_entropy_loss(x, y);
+  loss.backward(/*gradient=*/{}, /*retain_graph=*/true);
+  CHECK_THROWS_WITH_AS(loss.backward(), doctest::Contains("backward ran twice"), c10::Error);
+  auto again = lightron::cross_entropy_loss(x, y);
+  CHECK_THROWS_WITH_AS(torch::autograd::grad({again}, {x}, torch::autograd::variable_list{}, /*retain_graph=*/true,
+                                             /*create_graph=*/true),
+                       doctest::Contains("no double backward"), c10::Error);
+  CHECK_THROWS_AS(lightron::cross_entropy_loss(x, torch::tensor({1, 2, 3, -100}, torch::kLong)), c10::Error);  // no ignored labels
+}
+
+TEST_CASE("kernels: batched_matmul over the threads gives matmul's products and gradients") {
+  const int threads = torch::get_num_threads();
+  torch::set_num_threads(2);  // the threaded path needs more than one
+  struct Restore {
+    int n;
+    ~Restore() { torch::set_num_threads(n); }
+  } restore{threads};
+#ifdef _OPENMP  // compiled with OpenMP (CMake's LIGHTRON_OPENMP): the products do go over the threads
+  CHECK(threaded_bmm_applies(torch::zeros({6, 2, 2}), torch::zeros({6, 2, 2})));
+#endif
+  torch::manual_seed(0);
+  auto a = torch::randn({2, 3, 20, 16}).set_requires_grad(true), b = torch::randn({2, 3, 16, 24}).set_requires_grad(true);
+  auto a0 = a.detach().clone().set_requires_grad(true), b0 = b.detach().clone().set_requires_grad(true);
+  auto w = torch::randn({2, 3, 20, 24});
+  auto out = batched_matmul(a, b), out0 = torch::matmul(a0, b0);
+  (out * w).sum().backward();
+  (out0 * w).sum().backward();
+  CHECK(torch::allclose(out, out0, /*rtol=*/1e-5, /*atol=*/1e-5));
+  CHECK(torch::allclose(a.grad(), a0.grad(), 1e-5, 1e-5));
+  CHECK(torch::allclose(b.grad(), b0.grad(), 1e-5, 1e-5));
+}
+
 // Writes the model's weights, a batch, logits, loss and gradients for reference_check.py.
 TEST_CASE("reference dump" * doctest::test_suite("reference_dump")) {
   const char* dir = std::getenv("LIGHTRON_DUMP_DIR");

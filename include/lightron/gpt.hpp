@@ -15,6 +15,7 @@
 #include "compat.hpp"
 #include "core.hpp"
 #include "gpt_config.hpp"  // GPTConfig, validate_model_config
+#include "kernels.hpp"     // batched_matmul, cross_entropy_loss
 
 #include <cmath>   // sqrt
 #include <functional>
@@ -107,11 +108,11 @@ inline torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tenso
   const auto k = repeat_groups(kv_k, q.size(1)), v = repeat_groups(kv_v, q.size(1));
   if (fused_attention_available(q)) return fused_causal_attention(q, k, v);  // CUDA, LibTorch 2.x
   const int64_t T = q.size(2);
-  auto scores = torch::matmul(q.to(torch::kFloat), k.to(torch::kFloat).transpose(-2, -1)) /
+  auto scores = batched_matmul(q.to(torch::kFloat), k.to(torch::kFloat).transpose(-2, -1)) /
                 std::sqrt(static_cast<double>(q.size(-1)));  // (B, H, T, T)
   auto future = torch::ones({T, T}, q.options().dtype(torch::kBool)).triu(/*diagonal=*/1);
   auto probs = torch::softmax(scores.masked_fill(future, -INFINITY), -1).to(v.scalar_type());
-  return torch::matmul(probs, v);  // (B, H, T, D)
+  return batched_matmul(probs, v);  // (B, H, T, D)
 }
 
 struct Attention : torch::nn::Module {
@@ -205,12 +206,6 @@ struct Block : torch::nn::Module {
 inline torch::Tensor run_in_order(const std::vector<std::shared_ptr<Block>>& blocks, torch::Tensor x) {
   for (auto& block : blocks) x = block->forward(x);
   return x;
-}
-
-// Cross-entropy averaged over all B·T tokens, in fp32. logits (B, T, V), labels (B, T). log_softmax
-// upcasts as it reads: no fp32 copy of bf16 logits, and its backward returns bf16 directly.
-inline torch::Tensor cross_entropy_loss(const torch::Tensor& logits, const torch::Tensor& labels) {
-  return torch::nll_loss(torch::log_softmax(logits.flatten(0, -2), -1, torch::kFloat), labels.reshape({-1}));
 }
 
 struct GPT : torch::nn::Module {

@@ -11,6 +11,7 @@
 
 #include "compat.hpp"
 #include "core.hpp"
+#include "kernels.hpp"  // adamw_one_pass
 #include "tensorboard.hpp"
 
 #include <sys/resource.h>  // getrusage: peak memory on CPU
@@ -132,15 +133,13 @@ struct AdamW {
       if (p.empty()) continue;
       const double wd = decay ? weight_decay : 0.0;
       if (fused_adamw_available(p[0])) fused_adamw(p, g, m, v, step_count, lr, beta1, beta2, wd, eps);  // compat.hpp
+      else if (adamw_one_pass_applies(p, g, m, v)) adamw_one_pass(p, g, m, v, step_count, lr, beta1, beta2, wd, eps);
       else foreach_adamw(p, g, m, v, lr, wd);
     }
   }
 
-  // The same update for every tensor at once (_foreach_ ops: a few kernels for the whole
-  // model instead of a few per parameter, which matters on a GPU). Per element:
-  //   p *= 1 - lr·wd; m = β1 m + (1-β1) g; v = β2 v + (1-β2) g²;
-  //   p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)
-  using Tensors = std::vector<torch::Tensor>;
+  // The same update (formula: kernels.hpp's adamw_one_pass) with _foreach_ ops: a few kernels
+  // for the whole model instead of a few per parameter, which matters on a GPU.
   void foreach_adamw(const Tensors& p, const Tensors& g, const Tensors& m, const Tensors& v, double lr, double wd) const {
     const double bias1 = 1.0 - std::pow(beta1, double(step_count));
     const double bias2 = 1.0 - std::pow(beta2, double(step_count));
