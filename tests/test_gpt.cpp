@@ -189,26 +189,33 @@ TEST_CASE("kernels: cross_entropy_loss refuses what it cannot do rather than ans
   CHECK_THROWS_AS(lightron::cross_entropy_loss(x, torch::tensor({1, 2, 3, -100}, torch::kLong)), c10::Error);  // no ignored labels
 }
 
-TEST_CASE("kernels: batched_matmul over the threads gives matmul's products and gradients") {
+TEST_CASE("kernels: attention with a head per thread gives the unfused attention's output and gradients") {
   const int threads = torch::get_num_threads();
-  torch::set_num_threads(2);  // the threaded path needs more than one
   struct Restore {
     int n;
     ~Restore() { torch::set_num_threads(n); }
   } restore{threads};
-#ifdef _OPENMP  // compiled with OpenMP (CMake's LIGHTRON_OPENMP): the products do go over the threads
-  CHECK(threaded_bmm_applies(torch::zeros({6, 2, 2}), torch::zeros({6, 2, 2})));
-#endif
-  torch::manual_seed(0);
-  auto a = torch::randn({2, 3, 20, 16}).set_requires_grad(true), b = torch::randn({2, 3, 16, 24}).set_requires_grad(true);
-  auto a0 = a.detach().clone().set_requires_grad(true), b0 = b.detach().clone().set_requires_grad(true);
-  auto w = torch::randn({2, 3, 20, 24});
-  auto out = batched_matmul(a, b), out0 = torch::matmul(a0, b0);
-  (out * w).sum().backward();
-  (out0 * w).sum().backward();
-  CHECK(torch::allclose(out, out0, /*rtol=*/1e-5, /*atol=*/1e-5));
-  CHECK(torch::allclose(a.grad(), a0.grad(), 1e-5, 1e-5));
-  CHECK(torch::allclose(b.grad(), b0.grad(), 1e-5, 1e-5));
+  for (const int n : {1, 2}) {
+    torch::set_num_threads(n);
+    for (const int64_t D : {16, 12}) {  // sqrt(12) is not a power of two
+      torch::manual_seed(0);
+      auto q = torch::randn({2, 3, 20, D}).set_requires_grad(true), k = torch::randn({2, 3, 20, D}).set_requires_grad(true),
+           v = torch::randn({2, 3, 20, D}).set_requires_grad(true);
+      auto q0 = q.detach().clone().set_requires_grad(true), k0 = k.detach().clone().set_requires_grad(true),
+           v0 = v.detach().clone().set_requires_grad(true);
+      REQUIRE(CausalAttentionCPU::applies(q, k, v));
+      const auto w = torch::randn({2, 3, 20, D});
+      const auto y = CausalAttentionCPU::apply(q, k, v), y0 = causal_attention_unfused(q0, k0, v0);
+      (y * w).sum().backward();
+      (y0 * w).sum().backward();
+      CHECK(torch::allclose(y, y0, /*rtol=*/1e-5, /*atol=*/1e-6));
+      CHECK(torch::allclose(q.grad(), q0.grad(), 1e-5, 1e-6));
+      CHECK(torch::allclose(k.grad(), k0.grad(), 1e-5, 1e-6));
+      CHECK(torch::allclose(v.grad(), v0.grad(), 1e-5, 1e-6));
+    }
+  }
+  CHECK_FALSE(CausalAttentionCPU::applies(torch::zeros({1, 2, 4, 4}, torch::kDouble), torch::zeros({1, 2, 4, 4}),
+                                          torch::zeros({1, 2, 4, 4})));
 }
 
 // Writes the model's weights, a batch, logits, loss and gradients for reference_check.py.

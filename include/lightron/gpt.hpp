@@ -15,7 +15,7 @@
 #include "compat.hpp"
 #include "core.hpp"
 #include "gpt_config.hpp"  // GPTConfig, validate_model_config
-#include "kernels.hpp"     // batched_matmul, cross_entropy_loss
+#include "kernels.hpp"     // CausalAttentionCPU, cross_entropy_loss
 
 #include <cmath>   // sqrt
 #include <functional>
@@ -103,16 +103,23 @@ inline torch::Tensor repeat_groups(const torch::Tensor& kv, int64_t heads) {
   return kv.size(1) == heads ? kv : kv.repeat_interleave(heads / kv.size(1), /*dim=*/1);
 }
 
-// softmax(q kᵀ / sqrt(D) + causal mask) v, the softmax in fp32. q: (B, H, T, D), k/v: (B, G, T, D).
-inline torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& kv_k, const torch::Tensor& kv_v) {
-  const auto k = repeat_groups(kv_k, q.size(1)), v = repeat_groups(kv_v, q.size(1));
-  if (fused_attention_available(q)) return fused_causal_attention(q, k, v);  // CUDA, LibTorch 2.x
+// softmax(q kᵀ / sqrt(D) + causal mask) v, the softmax in fp32. q, k, v: (B, H, T, D). The maths
+// as written; causal_attention below runs the same with fused kernels where there are some.
+inline torch::Tensor causal_attention_unfused(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
   const int64_t T = q.size(2);
-  auto scores = batched_matmul(q.to(torch::kFloat), k.to(torch::kFloat).transpose(-2, -1)) /
+  auto scores = torch::matmul(q.to(torch::kFloat), k.to(torch::kFloat).transpose(-2, -1)) /
                 std::sqrt(static_cast<double>(q.size(-1)));  // (B, H, T, T)
   auto future = torch::ones({T, T}, q.options().dtype(torch::kBool)).triu(/*diagonal=*/1);
   auto probs = torch::softmax(scores.masked_fill(future, -INFINITY), -1).to(v.scalar_type());
-  return batched_matmul(probs, v);  // (B, H, T, D)
+  return torch::matmul(probs, v);  // (B, H, T, D)
+}
+
+// The same of q (B, H, T, D) and k, v (B, G, T, D) (grouped-query attention).
+inline torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& kv_k, const torch::Tensor& kv_v) {
+  const auto k = repeat_groups(kv_k, q.size(1)), v = repeat_groups(kv_v, q.size(1));
+  if (fused_attention_available(q)) return fused_causal_attention(q, k, v);  // CUDA, LibTorch 2.x
+  if (CausalAttentionCPU::applies(q, k, v)) return CausalAttentionCPU::apply(q, k, v);  // fp32 CPU: kernels.hpp
+  return causal_attention_unfused(q, k, v);
 }
 
 struct Attention : torch::nn::Module {

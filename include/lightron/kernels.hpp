@@ -1,14 +1,14 @@
 // lightron/kernels.hpp — three operations of the step done better than LibTorch's defaults,
 // found by profiling one step on both sides (bench/profile_step.py):
-//   * batched_matmul: attention's B·H small matrix products. LibTorch 1.13's CPU bmm (without
-//     MKL) runs them one after another, each split over the threads; here the threads share out
-//     the products, each single-threaded. Same numbers up to the order of the sums.
+//   * CausalAttentionCPU: attention with each head done start to finish by one thread, its
+//     scores in cache, instead of B·H small products one after another and a pass over all
+//     scores for each step in between. Same numbers up to the order of the sums.
 //   * cross_entropy_loss: mean cross-entropy whose backward writes the gradient into the
 //     log-probabilities it saved, (exp(log p) - onehot) · g / N, instead of allocating an N×V
 //     one-hot gradient (nll_loss) and a third N×V tensor (log_softmax's backward).
 //   * adamw_one_pass: AdamW on the CPU in one pass over p, g, m and v, where the _foreach_ form
 //     (train.hpp) makes eight.
-// Leaves out: double backward of the loss (refused), broadcasting in batched_matmul (falls back).
+// Leaves out: double backward (refused for the loss; attention's backward is not differentiable).
 // Introduced in chapter 0 (speed); bench/throughput.sh measures what they are worth.
 #pragma once
 
@@ -25,59 +25,67 @@ namespace lightron {
 using torch::autograd::AutogradContext;
 using torch::autograd::tensor_list;
 
-// Whether sharing the products out over the threads can run at all: on the CPU, with more than
-// one thread, and compiled with OpenMP (without it at::parallel_for runs on one thread).
-inline bool threaded_bmm_applies(const torch::Tensor& a, const torch::Tensor& b) {
-#ifdef _OPENMP
-  return a.device().is_cpu() && a.dim() == 3 && b.dim() == 3 && a.size(0) > 1 && a.size(0) == b.size(0) &&
-         at::get_num_threads() > 1;
-#else
-  (void)a, (void)b;
-  return false;
-#endif
-}
-
-// a (N, n, k) @ b (N, k, m) -> (N, n, m), product i on one thread. Inside the parallel region
-// ATen and an OpenMP OpenBLAS run single-threaded.
-inline torch::Tensor bmm_over_threads(const torch::Tensor& a, const torch::Tensor& b) {
-  if (!threaded_bmm_applies(a, b)) return torch::bmm(a, b);
-  auto out = torch::empty({a.size(0), a.size(1), b.size(2)}, a.options());
-  at::parallel_for(0, a.size(0), /*grain_size=*/1, [&](int64_t begin, int64_t end) {
+// Runs fn(i) for i in [0, n), the i shared out among ATen's threads (one thread per i; inside,
+// ATen and an OpenMP OpenBLAS run single-threaded). Without OpenMP: in order, on this thread.
+template <typename F>
+void over_threads(int64_t n, const F& fn) {
+  at::parallel_for(0, n, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
     torch::NoGradGuard no_grad;  // grad mode is per thread: the pool's threads have it on
-    for (int64_t i = begin; i < end; ++i) {
-      auto out_i = out.select(0, i);
-      at::mm_out(out_i, a.select(0, i), b.select(0, i));
-    }
+    for (int64_t i = begin; i < end; ++i) fn(i);
   });
-  return out;
 }
 
-// d(a b) = da b + a db: grad_a = g bᵀ, grad_b = aᵀ g, both again over the threads.
-struct ThreadedBmm : torch::autograd::Function<ThreadedBmm> {
-  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& a, const torch::Tensor& b) {
-    ctx->save_for_backward({a, b});
-    return bmm_over_threads(a, b);
+// y = softmax(q kᵀ / sqrt(D) + causal mask) v, q, k, v (B, H, T, D), fp32 on the CPU: gpt.hpp's
+// causal_attention, each of the B·H heads done start to finish by one thread while its T×T
+// scores are in cache. Backward, per head (P the probabilities, S the scores):
+//   dV = Pᵀ dY;  dP = dY Vᵀ;  dS = P ∘ (dP - rowsum(dP ∘ P)) / sqrt(D);  dQ = dS K;  dK = dSᵀ Q
+// Saves q, k, v and P, as the unfused form does. LibTorch 1.13's CPU bmm (without MKL) runs the
+// B·H products one after another, each split over the threads, and every step in between is a
+// pass over all B·H·T·T scores.
+struct CausalAttentionCPU : torch::autograd::Function<CausalAttentionCPU> {
+  static bool applies(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+    for (const auto* t : {&q, &k, &v})
+      if (!t->device().is_cpu() || t->scalar_type() != torch::kFloat) return false;
+    return q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes();
+  }
+  // Head i = b·H + h of a (B, H, T, D) tensor of any strides: a (T, D) view, which BLAS reads in
+  // place (q, k, v are views into the fused QKV projection's output: no copies).
+  static torch::Tensor head(const torch::Tensor& t, int64_t i) { return t.select(0, i / t.size(1)).select(0, i % t.size(1)); }
+  // (B, H, T, D) sizes laid out as (B, T, H, D): the layout c_proj reads, so y needs no copy.
+  static torch::Tensor empty_heads(const torch::Tensor& like) {
+    return torch::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, like.options()).transpose(1, 2);
+  }
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+    const int64_t N = q.size(0) * q.size(1), T = q.size(2);
+    auto probs = torch::empty({N, T, T}, q.options()), y = empty_heads(q);
+    const auto future = torch::ones({T, T}, q.options().dtype(torch::kBool)).triu(/*diagonal=*/1);
+    const double sqrt_d = std::sqrt(static_cast<double>(q.size(3)));
+    over_threads(N, [&](int64_t i) {
+      auto p = probs.select(0, i), y_i = head(y, i);
+      const auto scores = torch::mm(head(q, i), head(k, i).t()).div_(sqrt_d).masked_fill_(future, -INFINITY);
+      at::_softmax_out(p, scores, /*dim=*/-1, /*half_to_float=*/false);
+      at::mm_out(y_i, p, head(v, i));
+    });
+    ctx->save_for_backward({q, k, v, probs});
+    return y;
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grad) {
     const auto saved = ctx->get_saved_variables();
-    torch::Tensor grad_a, grad_b;
-    if (ctx->needs_input_grad(0)) grad_a = bmm_over_threads(grad[0], saved[1].transpose(1, 2));
-    if (ctx->needs_input_grad(1)) grad_b = bmm_over_threads(saved[0].transpose(1, 2), grad[0]);
-    return {grad_a, grad_b};
+    const auto &q = saved[0], &k = saved[1], &v = saved[2], &probs = saved[3], &dy = grad[0];
+    auto dq = empty_heads(q), dk = empty_heads(k), dv = empty_heads(v);
+    const double sqrt_d = std::sqrt(static_cast<double>(q.size(3)));
+    over_threads(probs.size(0), [&](int64_t i) {
+      auto dq_i = head(dq, i), dk_i = head(dk, i), dv_i = head(dv, i);
+      const auto p = probs.select(0, i), dy_i = head(dy, i);
+      at::mm_out(dv_i, p.t(), dy_i);
+      const auto dp = torch::mm(dy_i, head(v, i).t());
+      const auto ds = at::_softmax_backward_data(dp, p, /*dim=*/-1, torch::kFloat).div_(sqrt_d);
+      at::mm_out(dq_i, ds, head(k, i));
+      at::mm_out(dk_i, ds.t(), head(q, i));
+    });
+    return {dq, dk, dv};
   }
 };
-
-// (..., n, k) @ (..., k, m) -> (..., n, m), the leading dimensions equal: torch::matmul, with
-// the products shared out over the threads where that applies.
-inline torch::Tensor batched_matmul(const torch::Tensor& a, const torch::Tensor& b) {
-  if (a.dim() < 3 || a.dim() != b.dim() || a.sizes().slice(0, a.dim() - 2) != b.sizes().slice(0, b.dim() - 2))
-    return torch::matmul(a, b);
-  const auto a3 = a.reshape({-1, a.size(-2), a.size(-1)}), b3 = b.reshape({-1, b.size(-2), b.size(-1)});
-  if (!threaded_bmm_applies(a3, b3)) return torch::matmul(a, b);
-  auto sizes = a.sizes().vec();
-  sizes.back() = b.size(-1);
-  return ThreadedBmm::apply(a3, b3).view(sizes);
-}
 
 // loss = -mean_i log softmax(x_i)[y_i] over N rows, in fp32 (log_softmax upcasts as it reads:
 // no fp32 copy of bf16 logits). Backward: dx = (softmax(x) - onehot(y)) · g / N, computed in
