@@ -49,13 +49,17 @@ struct CausalAttentionCPU : torch::autograd::Function<CausalAttentionCPU> {
     return q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes();
   }
   // Head i = b·H + h of a (B, H, T, D) tensor of any strides: a (T, D) view, which BLAS reads in
-  // place (q, k, v are views into the fused QKV projection's output: no copies).
+  // place (as long as one of its strides is 1).
   static torch::Tensor head(const torch::Tensor& t, int64_t i) { return t.select(0, i / t.size(1)).select(0, i % t.size(1)); }
   // (B, H, T, D) sizes laid out as (B, T, H, D): the layout c_proj reads, so y needs no copy.
   static torch::Tensor empty_heads(const torch::Tensor& like) {
     return torch::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, like.options()).transpose(1, 2);
   }
-  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  // q, k and v are saved contiguous, as the unfused form's matmuls save them: a view into the
+  // fused QKV projection's output would keep all of it alive (memory.hpp counts the copies).
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& q_in, const torch::Tensor& k_in,
+                               const torch::Tensor& v_in) {
+    const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
     const int64_t N = q.size(0) * q.size(1), T = q.size(2);
     auto probs = torch::empty({N, T, T}, q.options()), y = empty_heads(q);
     const auto future = torch::ones({T, T}, q.options().dtype(torch::kBool)).triu(/*diagonal=*/1);
