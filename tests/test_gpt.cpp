@@ -218,6 +218,35 @@ TEST_CASE("kernels: attention with a head per thread gives the unfused attention
                                           torch::zeros({1, 2, 4, 4})));
 }
 
+TEST_CASE("kernels: linear with its two backward products at once gives torch::linear's output and gradients") {
+  const int threads = torch::get_num_threads();
+  struct Restore {
+    int n;
+    ~Restore() { torch::set_num_threads(n); }
+  } restore{threads};
+  torch::set_num_threads(2);  // LinearCPU applies with more than one thread
+  for (const bool with_bias : {true, false}) {
+    torch::manual_seed(0);
+    auto x = torch::randn({3, 5, 16}).set_requires_grad(true), w = torch::randn({24, 16}).set_requires_grad(true);
+    auto b = with_bias ? torch::randn({24}).set_requires_grad(true) : torch::Tensor();
+    auto x0 = x.detach().clone().set_requires_grad(true), w0 = w.detach().clone().set_requires_grad(true);
+    auto b0 = with_bias ? b.detach().clone().set_requires_grad(true) : torch::Tensor();
+    REQUIRE(LinearCPU::applies(x, w));
+    const auto dy = torch::randn({3, 5, 24});
+    const auto y = lightron::linear(x, w, b), y0 = torch::linear(x0, w0, b0);
+    (y * dy).sum().backward();
+    (y0 * dy).sum().backward();
+    CHECK(torch::allclose(y, y0, /*rtol=*/1e-5, /*atol=*/1e-6));
+    CHECK(torch::allclose(x.grad(), x0.grad(), 1e-5, 1e-6));
+    CHECK(torch::allclose(w.grad(), w0.grad(), 1e-5, 1e-6));
+    if (with_bias) CHECK(torch::allclose(b.grad(), b0.grad(), 1e-5, 1e-6));
+  }
+  auto frozen = torch::randn({4, 8});  // no gradient wanted for the input: only dW is computed
+  auto w = torch::randn({2, 8}).set_requires_grad(true);
+  lightron::linear(frozen, w).sum().backward();
+  CHECK(torch::allclose(w.grad(), frozen.sum(0).expand({2, 8}), 1e-5, 1e-6));
+}
+
 // Writes the model's weights, a batch, logits, loss and gradients for reference_check.py.
 TEST_CASE("reference dump" * doctest::test_suite("reference_dump")) {
   const char* dir = std::getenv("LIGHTRON_DUMP_DIR");

@@ -38,7 +38,7 @@ struct Linear : LinearLayer {
     weight = register_parameter("weight", torch::empty({out, in}));
     if (with_bias) bias = register_parameter("bias", torch::zeros({out}));
   }
-  torch::Tensor forward(const torch::Tensor& x) override { return torch::linear(x, weight, bias); }
+  torch::Tensor forward(const torch::Tensor& x) override { return lightron::linear(x, weight, bias); }
 };
 
 // Token ids -> vectors: (B, T) -> (B, T, C).
@@ -54,7 +54,7 @@ struct Embedding : torch::nn::Module {
 struct TiedLinear : LinearLayer {
   std::shared_ptr<Embedding> wte;
   explicit TiedLinear(std::shared_ptr<Embedding> e) : wte(std::move(e)) {}
-  torch::Tensor forward(const torch::Tensor& x) override { return torch::linear(x, wte->weight); }
+  torch::Tensor forward(const torch::Tensor& x) override { return lightron::linear(x, wte->weight); }
 };
 
 // LayerNorm (weight, bias) or RMSNorm (weight only), computed in fp32.

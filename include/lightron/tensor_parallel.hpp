@@ -162,7 +162,7 @@ struct ColumnParallelLinear : LinearLayer, TensorParallelLayer {
   torch::Tensor forward(const torch::Tensor& x) override {  // (B, T, in) or, SP, (B, T/p, in)
     // [snippet: column_forward]
     auto input = sequence_parallel ? gather_from_sp_region(x, tp) : copy_to_tp_region(x, tp);  // (B, T, in)
-    auto y = torch::linear(input, weight, bias);  // (B, T, out/p)
+    auto y = lightron::linear(input, weight, bias);  // (B, T, out/p)
     return gather_output ? gather_from_tp_region(y, tp) : y;  // (B, T, out) if gathered
     // [end snippet: column_forward]
   }
@@ -181,7 +181,7 @@ struct RowParallelLinear : LinearLayer, TensorParallelLayer {
   }
   torch::Tensor forward(const torch::Tensor& x) override {  // (B, T, in/p)
     // [snippet: row_forward]
-    auto partial = torch::linear(x, weight);  // (B, T, out), this rank's term of the sum
+    auto partial = lightron::linear(x, weight);  // (B, T, out), this rank's term of the sum
     auto y = sequence_parallel ? reduce_scatter_to_sp_region(partial, tp) : reduce_from_tp_region(partial, tp);  // SP: (B, T/p, out)
     return bias.defined() ? y + bias : y;
     // [end snippet: row_forward]

@@ -77,7 +77,7 @@ struct VocabParallelHead : LinearLayer, TensorParallelLayer {
   }
   torch::Tensor forward(const torch::Tensor& x) override {  // (B, T, C) or, SP, (B, T/p, C)
     auto input = sequence_parallel ? gather_from_sp_region(x, tp) : copy_to_tp_region(x, tp);  // (B, T, C)
-    return torch::linear(input, tied ? tied->weight : weight);  // (B, T, V/p)
+    return lightron::linear(input, tied ? tied->weight : weight);  // (B, T, V/p)
   }
   ShardSpec shard_spec(const std::string&) const override { return {0, {weight.size(0) * tp.size}}; }
 };
