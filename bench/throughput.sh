@@ -6,9 +6,12 @@
 #   bash bench/throughput.sh [BUILD_DIR] [tiny|small|all]      # defaults: build all
 #
 # tiny: V 4096, L 4, C 256, H 4, T 128, B 8.  small (GPT-2 124M): V 50304, L 12, C 768,
-# H 12, T 256, B 4. Takes ~3 minutes on 2 idle cores; run nothing else meanwhile.
-# Environment: THREADS (2), WARMUP (untimed steps; 3 tiny, 2 small), ITERS_TINY (25),
-# ITERS_SMALL (6), PYTHON (/usr/bin/python3). Logs and metrics go to BUILD_DIR/bench/.
+# H 12, T 256, B 4. The two sides run in alternating rounds (C++ then Python, per config), so
+# that a machine whose speed drifts slows both; each run counts its median step, and the table
+# gives the median over the rounds and the range. About 2 minutes per round for both configs
+# on 2 idle cores; run nothing else meanwhile.
+# Environment: ROUNDS (3), THREADS (2), WARMUP (untimed steps; 3 tiny, 2 small), ITERS_TINY
+# (25), ITERS_SMALL (6), PYTHON (/usr/bin/python3). Logs and metrics go to BUILD_DIR/bench/.
 # Python gets glibc malloc tunables (pretrain_gpt calls mallopt itself); OPENBLAS_* variables
 # are left as they are, so both sides run under the same BLAS settings.
 set -euo pipefail
@@ -16,6 +19,7 @@ set -euo pipefail
 build=${1:-build}
 which=${2:-all}
 threads=${THREADS:-2}
+rounds=${ROUNDS:-3}
 python=${PYTHON:-/usr/bin/python3}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 binary="$build/examples/pretrain_gpt"
@@ -43,57 +47,66 @@ echo "GEMM peak: fp32, $threads threads, 2048^3 ..."
 GLIBC_TUNABLES=$tuned_malloc OMP_NUM_THREADS=$threads \
   "$python" "$here/gemm_peak.py" --threads "$threads" --size 2048 > "$out/gemm_peak.json"
 
-for cfg in "${configs[@]}"; do
-  read -r V L C H T B iters warmup <<< "${shape[$cfg]}"
-  if [ "$have_cpp" = 1 ]; then
-    echo "$cfg: lightron C++, $warmup + $iters steps ..."
-    rm -f "$out/cpp_$cfg.jsonl"
-    if ! OMP_NUM_THREADS=$threads "$binary" --mock-data --vocab-size "$V" --num-layers "$L" \
-        --hidden-size "$C" --num-attention-heads "$H" --seq-length "$T" --micro-batch-size "$B" \
-        --global-batch-size "$B" --train-iters $((warmup + iters)) --log-interval 1 --lr 1e-4 \
-        --num-threads "$threads" --metrics-file "$out/cpp_$cfg.jsonl" > "$out/cpp_$cfg.log" 2>&1; then
-      tail -n 20 "$out/cpp_$cfg.log" >&2
-      echo "throughput.sh: pretrain_gpt failed; full log in $out/cpp_$cfg.log" >&2
-      exit 1
+for round in $(seq 1 "$rounds"); do
+  for cfg in "${configs[@]}"; do
+    read -r V L C H T B iters warmup <<< "${shape[$cfg]}"
+    if [ "$have_cpp" = 1 ]; then
+      echo "round $round, $cfg: lightron C++, $warmup + $iters steps ..."
+      rm -f "$out/cpp_${cfg}_$round.jsonl"
+      if ! OMP_NUM_THREADS=$threads "$binary" --mock-data --vocab-size "$V" --num-layers "$L" \
+          --hidden-size "$C" --num-attention-heads "$H" --seq-length "$T" --micro-batch-size "$B" \
+          --global-batch-size "$B" --train-iters $((warmup + iters)) --log-interval 1 --lr 1e-4 \
+          --num-threads "$threads" --metrics-file "$out/cpp_${cfg}_$round.jsonl" > "$out/cpp_$cfg.log" 2>&1; then
+        tail -n 20 "$out/cpp_$cfg.log" >&2
+        echo "throughput.sh: pretrain_gpt failed; full log in $out/cpp_$cfg.log" >&2
+        exit 1
+      fi
     fi
-  fi
-  echo "$cfg: PyTorch-Python, $warmup + $iters steps ..."
-  GLIBC_TUNABLES=$tuned_malloc OMP_NUM_THREADS=$threads "$python" "$here/pytorch_gpt.py" \
-    --config "$cfg" --iters "$iters" --warmup "$warmup" --threads "$threads" > "$out/pytorch_$cfg.json"
+    echo "round $round, $cfg: PyTorch-Python, $warmup + $iters steps ..."
+    GLIBC_TUNABLES=$tuned_malloc OMP_NUM_THREADS=$threads "$python" "$here/pytorch_gpt.py" \
+      --config "$cfg" --iters "$iters" --warmup "$warmup" --threads "$threads" > "$out/pytorch_${cfg}_$round.json"
+  done
 done
 
-# The table: tokens/s over the timed steps (B·T·steps / their total time), MFU = achieved
-# model FLOP/s (6N + 12·L·C·T per token, N from the Python model) / measured GEMM peak.
-# "best step" is the fastest timed step: on a shared machine it is the steadier number.
-"$python" - "$out" "$have_cpp" "${configs[@]}" <<'EOF'
-import json, sys
-out, have_cpp, configs = sys.argv[1], sys.argv[2] == "1", sys.argv[3:]
+# The table: tokens/s from each run's median step (B·T / its time), the median over the rounds
+# and their range; MFU = achieved model FLOP/s (6N + 12·L·C·T per token, N from the Python
+# model) / measured GEMM peak; the ratio C++/Python per round (the two runs of one round ran
+# back to back) and its median.
+"$python" - "$out" "$have_cpp" "$rounds" "${configs[@]}" <<'EOF'
+import json, statistics, sys
+out, have_cpp, rounds, configs = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4:]
 peak = json.load(open(f"{out}/gemm_peak.json"))
 peak_flops = peak["gflops"] * 1e9
 print(f"\nGEMM peak: {peak['gflops']:.1f} GFLOP/s (fp32, {peak['threads']} threads, best of "
       f"{peak['repeats']} {peak['n']}^3 products; median {peak['gflops_median']:.1f}; "
       f"OpenBLAS kernel {peak.get('blas_core') or 'n/a'})")
-print(f"{'config':<7} {'impl':<9} {'tokens/s':>10} {'ms/iter':>9} {'GFLOP/s':>9} {'MFU':>7}"
-      f"   {'best step: tokens/s':>19} {'MFU':>7}")
+print(f"{rounds} round(s); tokens/s of each run's median step: the median over the rounds (range)")
+print(f"{'config':<7} {'impl':<9} {'tokens/s':>10} {'(range)':>21} {'MFU':>7}")
+
+
+def cpp_median_ms(cfg, r, warmup):
+    lines = [json.loads(l) for l in open(f"{out}/cpp_{cfg}_{r}.jsonl") if l.strip()]
+    timed = sorted(lines, key=lambda l: l["iteration"])[warmup:]
+    if not timed:
+        sys.exit(f"throughput.sh: {out}/cpp_{cfg}_{r}.jsonl has no line after the {warmup} warm-up steps")
+    return statistics.median_low([l["ms_per_iter"] for l in timed])
+
+
 for cfg in configs:
-    py = json.loads(open(f"{out}/pytorch_{cfg}.json").read().strip().splitlines()[-1])
-    fpt, warmup = py["flops_per_token"], py["warmup"]
-    rows = {"pytorch": (py["tokens_per_iter"], py["ms_per_iter"], py["ms_per_iter_min"])}
+    py = [json.loads(open(f"{out}/pytorch_{cfg}_{r}.json").read().strip().splitlines()[-1])
+          for r in range(1, rounds + 1)]
+    fpt, tokens, warmup = py[0]["flops_per_token"], py[0]["tokens_per_iter"], py[0]["warmup"]
+    runs = {"pytorch": [tokens * 1000 / p["ms_per_iter_median"] for p in py]}
     if have_cpp:
-        lines = [json.loads(l) for l in open(f"{out}/cpp_{cfg}.jsonl") if l.strip()]
-        timed = sorted(lines, key=lambda l: l["iteration"])[warmup:]
-        if not timed:
-            sys.exit(f"throughput.sh: {out}/cpp_{cfg}.jsonl has no line after the {warmup} warm-up steps")
-        ms = sum(l["ms_per_iter"] for l in timed) / len(timed)
-        best = min(l["ms_per_iter"] for l in timed)
-        rows = {"lightron": (py["tokens_per_iter"], ms, best), **rows}
-    for impl, (tokens, ms, best) in rows.items():
-        tps, best_tps = tokens * 1000 / ms, tokens * 1000 / best
-        print(f"{cfg:<7} {impl:<9} {tps:10.1f} {ms:9.1f} {tps * fpt / 1e9:9.1f} {100 * tps * fpt / peak_flops:6.1f}%"
-              f"   {best_tps:19.1f} {100 * best_tps * fpt / peak_flops:6.1f}%")
+        runs = {"lightron": [tokens * 1000 / cpp_median_ms(cfg, r, warmup) for r in range(1, rounds + 1)], **runs}
+    for impl, tps in runs.items():
+        m = statistics.median(tps)
+        span = f"({min(tps):.1f}-{max(tps):.1f})"
+        print(f"{cfg:<7} {impl:<9} {m:10.1f} {span:>21} {100 * m * fpt / peak_flops:6.1f}%")
     if have_cpp:
-        (_, cpp_ms, cpp_best), (_, py_ms, py_best) = rows["lightron"], rows["pytorch"]
-        print(f"{cfg:<7} C++/Python tokens/s ratio: {py_ms / cpp_ms:.2f} (best steps: {py_best / cpp_best:.2f})")
+        ratios = [c / p for c, p in zip(runs["lightron"], runs["pytorch"])]
+        print(f"{cfg:<7} C++/Python tokens/s ratio per round: {' / '.join(f'{x:.2f}' for x in ratios)}; "
+              f"median {statistics.median(ratios):.2f}")
 if not have_cpp:
     print("lightron C++: not measured (pretrain_gpt missing)")
     sys.exit(1)
