@@ -10,6 +10,11 @@ using lightron_testing::sizes_are;
 
 GPTConfig tiny(GPTConfig c) { return lightron_testing::tiny_config(c); }
 bool has_param(GPT& m, const std::string& name) { return m.named_parameters().find(name) != nullptr; }
+// A test that sets ATen's thread count gives the old one back when it ends.
+struct ThreadCountRestored {
+  int threads = torch::get_num_threads();
+  ~ThreadCountRestored() { torch::set_num_threads(threads); }
+};
 }  // namespace test_gpt_detail
 
 using namespace test_gpt_detail;
@@ -190,11 +195,7 @@ TEST_CASE("kernels: cross_entropy_loss refuses what it cannot do rather than ans
 }
 
 TEST_CASE("kernels: attention with a head per thread gives the unfused attention's output and gradients") {
-  const int threads = torch::get_num_threads();
-  struct Restore {
-    int n;
-    ~Restore() { torch::set_num_threads(n); }
-  } restore{threads};
+  const ThreadCountRestored restore;
   for (const int n : {1, 2}) {
     torch::set_num_threads(n);
     for (const int64_t D : {16, 12}) {  // sqrt(12) is not a power of two
@@ -219,11 +220,7 @@ TEST_CASE("kernels: attention with a head per thread gives the unfused attention
 }
 
 TEST_CASE("kernels: linear with its two backward products at once gives torch::linear's output and gradients") {
-  const int threads = torch::get_num_threads();
-  struct Restore {
-    int n;
-    ~Restore() { torch::set_num_threads(n); }
-  } restore{threads};
+  const ThreadCountRestored restore;
   torch::set_num_threads(2);  // LinearCPU applies with more than one thread
   for (const bool with_bias : {true, false}) {
     torch::manual_seed(0);
