@@ -136,6 +136,10 @@ TEST_CASE("train: AdamW matches torch.optim.AdamW's update rule on one step") {
 // kernels.hpp: AdamW in one pass against the _foreach_ form, over 5 steps with weight decay
 // (FMA and the order of the two divisions differ: a few ulps).
 TEST_CASE("kernels: adamw_one_pass takes the _foreach_ AdamW's steps") {
+  const ThreadCountRestored restore;
+  torch::set_num_threads(1);  // one thread: the _foreach_ form
+  CHECK_FALSE(adamw_one_pass_applies({torch::zeros({4})}, {torch::zeros({4})}, {torch::zeros({4})}, {torch::zeros({4})}));
+  torch::set_num_threads(2);
   torch::manual_seed(0);
   TrainConfig t;
   t.weight_decay = 0.1;

@@ -175,9 +175,12 @@ inline torch::Tensor cross_entropy_loss(const torch::Tensor& logits, const torch
 
 // Per element, in registers: m = β1 m + (1-β1) g;  v = β2 v + (1-β2) g²;
 //   p = p (1 - lr·wd) - lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)
-// (AdamW, Loshchilov & Hutter; torch.optim.AdamW's order). For fp32 CPU tensors, contiguous.
+// (AdamW, Loshchilov & Hutter; torch.optim.AdamW's order). For fp32 CPU tensors, contiguous,
+// with more than one thread, like the kernels above: one thread per rank (the mpi tests, the
+// tutorials' runs) keeps the _foreach_ form and its numbers, to the last bit.
 using Tensors = std::vector<torch::Tensor>;
 inline bool adamw_one_pass_applies(const Tensors& p, const Tensors& g, const Tensors& m, const Tensors& v) {
+  if (at::get_num_threads() < 2) return false;
   for (const auto* list : {&p, &g, &m, &v})
     for (const auto& t : *list)
       if (!t.device().is_cpu() || t.scalar_type() != torch::kFloat || !t.is_contiguous()) return false;
