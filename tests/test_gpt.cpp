@@ -202,24 +202,23 @@ TEST_CASE("kernels: attention with a head per thread gives the unfused attention
   const ThreadCountRestored restore;
   torch::set_num_threads(1);  // one thread: the unfused form
   CHECK_FALSE(CausalAttentionCPU::applies(torch::zeros({1, 2, 4, 4}), torch::zeros({1, 2, 4, 4}), torch::zeros({1, 2, 4, 4})));
-  for (const int n : {2}) {
-    torch::set_num_threads(n);
-    for (const int64_t D : {16, 12}) {  // sqrt(12) is not a power of two
-      torch::manual_seed(0);
-      auto q = torch::randn({2, 3, 20, D}).set_requires_grad(true), k = torch::randn({2, 3, 20, D}).set_requires_grad(true),
-           v = torch::randn({2, 3, 20, D}).set_requires_grad(true);
-      auto q0 = q.detach().clone().set_requires_grad(true), k0 = k.detach().clone().set_requires_grad(true),
-           v0 = v.detach().clone().set_requires_grad(true);
-      REQUIRE(CausalAttentionCPU::applies(q, k, v));
-      const auto w = torch::randn({2, 3, 20, D});
-      const auto y = CausalAttentionCPU::apply(q, k, v), y0 = causal_attention_unfused(q0, k0, v0);
-      (y * w).sum().backward();
-      (y0 * w).sum().backward();
-      CHECK(torch::allclose(y, y0, /*rtol=*/1e-5, /*atol=*/1e-6));
-      CHECK(torch::allclose(q.grad(), q0.grad(), 1e-5, 1e-6));
-      CHECK(torch::allclose(k.grad(), k0.grad(), 1e-5, 1e-6));
-      CHECK(torch::allclose(v.grad(), v0.grad(), 1e-5, 1e-6));
-    }
+  torch::set_num_threads(2);
+  for (const int64_t D : {16, 12}) {  // sqrt(12) is not a power of two
+    torch::manual_seed(0);
+    auto q = torch::randn({2, 3, 20, D}).set_requires_grad(true), k = torch::randn({2, 3, 20, D}).set_requires_grad(true),
+         v = torch::randn({2, 3, 20, D}).set_requires_grad(true);
+    auto q0 = q.detach().clone().set_requires_grad(true), k0 = k.detach().clone().set_requires_grad(true),
+         v0 = v.detach().clone().set_requires_grad(true);
+    REQUIRE(CausalAttentionCPU::applies(q, k, v));
+    const auto w = torch::randn({2, 3, 20, D});
+    const auto y = CausalAttentionCPU::apply(q, k, v), y0 = causal_attention_unfused(q0, k0, v0);
+    (y * w).sum().backward();
+    (y0 * w).sum().backward();
+    // measured: y, dq and dv identical; dk up to 4.8e-7 apart (values up to 2.8), the sums' order
+    CHECK(torch::allclose(y, y0, /*rtol=*/1e-5, /*atol=*/1e-6));
+    CHECK(torch::allclose(q.grad(), q0.grad(), 1e-5, 1e-6));
+    CHECK(torch::allclose(k.grad(), k0.grad(), 1e-5, 1e-6));
+    CHECK(torch::allclose(v.grad(), v0.grad(), 1e-5, 1e-6));
   }
   CHECK_FALSE(CausalAttentionCPU::applies(torch::zeros({1, 2, 4, 4}, torch::kDouble), torch::zeros({1, 2, 4, 4}),
                                           torch::zeros({1, 2, 4, 4})));
@@ -239,6 +238,7 @@ TEST_CASE("kernels: linear with its two backward products at once gives torch::l
     const auto y = lightron::linear(x, w, b), y0 = torch::linear(x0, w0, b0);
     (y * dy).sum().backward();
     (y0 * dy).sum().backward();
+    // measured: identical at these sizes; larger products may split their sums differently
     CHECK(torch::allclose(y, y0, /*rtol=*/1e-5, /*atol=*/1e-6));
     CHECK(torch::allclose(x.grad(), x0.grad(), 1e-5, 1e-6));
     CHECK(torch::allclose(w.grad(), w0.grad(), 1e-5, 1e-6));

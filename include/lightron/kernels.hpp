@@ -1,5 +1,5 @@
 // lightron/kernels.hpp — four operations of the step done better than LibTorch's defaults,
-// found by profiling one step on both sides (bench/profile_step.py):
+// found by profiling one step on both sides (bench/profile_step.py) and timing the pieces:
 //   * CausalAttentionCPU: attention with each head done start to finish by one thread, its
 //     scores in cache, instead of B·H small products one after another and a pass over all
 //     scores for each step in between. Same numbers up to the order of the sums.
@@ -107,8 +107,7 @@ struct LinearCPU : torch::autograd::Function<LinearCPU> {
   }
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& weight,
                                const torch::Tensor& bias) {
-    ctx->save_for_backward({x, weight});
-    ctx->saved_data["bias"] = bias.numel() > 0;
+    ctx->save_for_backward({x, weight});  // no bias: linear() passes an empty one, which needs no gradient
     return torch::linear(x, weight, bias.numel() > 0 ? bias : torch::Tensor());
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grad) {
@@ -123,7 +122,7 @@ struct LinearCPU : torch::autograd::Function<LinearCPU> {
       if (i == 0 && dx.defined()) at::mm_out(dx, dy, weight);
       if (i == 1 && dw.defined()) at::mm_out(dw, dy.t(), x2);
     });
-    if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2)) db = dy.sum(0);
+    if (ctx->needs_input_grad(2)) db = dy.sum(0);
     return {dx.defined() ? dx.view(x.sizes()) : dx, dw, db};
   }
 };
