@@ -13,6 +13,7 @@ steps are not timed. Prints one JSON line.
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -72,7 +73,7 @@ def main():
         "impl": "pytorch", "config": args.config, "threads": args.threads,
         "tokens_per_s": round(tokens_per_s, 1), "ms_per_iter": round(1000 * seconds / len(times), 2),
         "ms_per_iter_min": round(1000 * min(times), 2),
-        "ms_per_iter_median": round(1000 * sorted(times)[len(times) // 2], 2), "iters": len(times), "warmup": args.warmup,
+        "ms_per_iter_median": round(1000 * statistics.median(times), 2), "iters": len(times), "warmup": args.warmup,
         "tokens_per_iter": B * T,
         "params": sum(q.numel() for q in model.parameters()), "flops_per_token": fpt,
         "tflops": round(tokens_per_s * fpt / 1e12, 4), "last_loss": round(losses[-1], 4),

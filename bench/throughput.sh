@@ -89,7 +89,7 @@ def cpp_median_ms(cfg, r, warmup):
     timed = sorted(lines, key=lambda l: l["iteration"])[warmup:]
     if not timed:
         sys.exit(f"throughput.sh: {out}/cpp_{cfg}_{r}.jsonl has no line after the {warmup} warm-up steps")
-    return statistics.median_low([l["ms_per_iter"] for l in timed])
+    return statistics.median([l["ms_per_iter"] for l in timed])  # as pytorch_gpt.py's ms_per_iter_median
 
 
 for cfg in configs:
