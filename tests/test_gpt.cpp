@@ -220,6 +220,10 @@ TEST_CASE("kernels: attention with a head per thread gives the unfused attention
     CHECK(torch::allclose(k.grad(), k0.grad(), 1e-5, 1e-6));
     CHECK(torch::allclose(v.grad(), v0.grad(), 1e-5, 1e-6));
   }
+  auto x = torch::randn({1, 2, 4, 4}).set_requires_grad(true);  // second derivatives: refused, not missing
+  CHECK_THROWS_WITH_AS(torch::autograd::grad({CausalAttentionCPU::apply(x, x, x).sum()}, {x}, {}, /*retain_graph=*/true,
+                                             /*create_graph=*/true),
+                       doctest::Contains("no double backward"), c10::Error);
   CHECK_FALSE(CausalAttentionCPU::applies(torch::zeros({1, 2, 4, 4}, torch::kDouble), torch::zeros({1, 2, 4, 4}),
                                           torch::zeros({1, 2, 4, 4})));
 }
@@ -238,16 +242,19 @@ TEST_CASE("kernels: linear with its two backward products at once gives torch::l
     const auto y = lightron::linear(x, w, b), y0 = torch::linear(x0, w0, b0);
     (y * dy).sum().backward();
     (y0 * dy).sum().backward();
-    // measured: identical at these sizes; larger products may split their sums differently
-    CHECK(torch::allclose(y, y0, /*rtol=*/1e-5, /*atol=*/1e-6));
-    CHECK(torch::allclose(x.grad(), x0.grad(), 1e-5, 1e-6));
-    CHECK(torch::allclose(w.grad(), w0.grad(), 1e-5, 1e-6));
-    if (with_bias) CHECK(torch::allclose(b.grad(), b0.grad(), 1e-5, 1e-6));
+    // the same products as torch::linear's backward, each on one thread at these sizes: bit for bit
+    CHECK(torch::equal(y, y0));
+    CHECK(torch::equal(x.grad(), x0.grad()));
+    CHECK(torch::equal(w.grad(), w0.grad()));
+    if (with_bias) CHECK(torch::equal(b.grad(), b0.grad()));
   }
   auto frozen = torch::randn({4, 8});  // no gradient wanted for the input: only dW is computed
   auto w = torch::randn({2, 8}).set_requires_grad(true);
   lightron::linear(frozen, w).sum().backward();
   CHECK(torch::allclose(w.grad(), frozen.sum(0).expand({2, 8}), 1e-5, 1e-6));
+  CHECK_THROWS_WITH_AS(torch::autograd::grad({lightron::linear(frozen, w).sum()}, {w}, {}, /*retain_graph=*/true,
+                                             /*create_graph=*/true),
+                       doctest::Contains("no double backward"), c10::Error);
 }
 
 // Writes the model's weights, a batch, logits, loss and gradients for reference_check.py.

@@ -15,7 +15,7 @@
 #include "compat.hpp"
 #include "core.hpp"
 #include "gpt_config.hpp"  // GPTConfig, validate_model_config
-#include "kernels.hpp"     // CausalAttentionCPU, cross_entropy_loss
+#include "kernels.hpp"     // CausalAttentionCPU, cross_entropy_loss, future_positions
 
 #include <cmath>   // sqrt
 #include <functional>
@@ -109,8 +109,7 @@ inline torch::Tensor causal_attention_unfused(const torch::Tensor& q, const torc
   const int64_t T = q.size(2);
   auto scores = torch::matmul(q.to(torch::kFloat), k.to(torch::kFloat).transpose(-2, -1)) /
                 std::sqrt(static_cast<double>(q.size(-1)));  // (B, H, T, T)
-  auto future = torch::ones({T, T}, q.options().dtype(torch::kBool)).triu(/*diagonal=*/1);
-  auto probs = torch::softmax(scores.masked_fill(future, -INFINITY), -1).to(v.scalar_type());
+  auto probs = torch::softmax(scores.masked_fill(future_positions(T, q.options()), -INFINITY), -1).to(v.scalar_type());
   return torch::matmul(probs, v);  // (B, H, T, D)
 }
 

@@ -9,7 +9,8 @@
 //     one-hot gradient (nll_loss) and a third N×V tensor (log_softmax's backward).
 //   * adamw_one_pass: AdamW on the CPU in one pass over p, g, m and v, where the _foreach_ form
 //     (train.hpp) makes eight.
-// Leaves out: double backward (refused for the loss; attention's backward is not differentiable).
+// Each applies to fp32 CPU tensors with more than one thread (the loss: everywhere); otherwise
+// the plain form runs. Leaves out: double backward (refused, with a one-line error).
 // Introduced in chapter 0 (speed); bench/throughput.sh measures what they are worth.
 #pragma once
 
@@ -36,6 +37,23 @@ void over_threads(int64_t n, const F& fn) {
   });
 }
 
+// Whether the kernels below take over. With one thread there is nothing to share out, and the
+// plain forms keep their numbers to the last bit: the mpi parity tests and the tutorials run one
+// thread per rank (with the attention kernel there, GPT-2's pp 4 final weights drifted 1.45e-6
+// from one rank's, just past the 1e-5·max + 1e-6 parity bound; cause not found).
+inline bool threads_to_share() { return at::get_num_threads() > 1; }
+inline bool fp32_on_cpu(const torch::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == torch::kFloat; }
+
+// (T, T), true above the diagonal: the future positions a causal query must not see.
+inline torch::Tensor future_positions(int64_t T, const torch::TensorOptions& like) {
+  return torch::ones({T, T}, like.dtype(torch::kBool)).triu(/*diagonal=*/1);
+}
+
+// Backward that computes without building a graph cannot give second derivatives: it refuses.
+inline void refuse_double_backward(const char* what) {
+  TORCH_CHECK(!torch::GradMode::is_enabled(), what, ": no double backward (create_graph)");
+}
+
 // y = softmax(q kᵀ / sqrt(D) + causal mask) v, q, k, v (B, H, T, D), fp32 on the CPU: gpt.hpp's
 // causal_attention, each of the B·H heads done start to finish by one thread while its T×T
 // scores are in cache. Backward, per head (P the probabilities, S the scores):
@@ -44,13 +62,9 @@ void over_threads(int64_t n, const F& fn) {
 // B·H products one after another, each split over the threads, and every step in between is a
 // pass over all B·H·T·T scores.
 struct CausalAttentionCPU : torch::autograd::Function<CausalAttentionCPU> {
-  // With one thread there is nothing to share out, and the unfused form stays (the mpi parity
-  // tests run one thread per rank; with this kernel there, GPT-2's pp 4 final weights drifted
-  // 1.45e-6 from one rank's, just past the 1e-5·max + 1e-6 parity bound, cause not found).
   static bool applies(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
-    for (const auto* t : {&q, &k, &v})
-      if (!t->device().is_cpu() || t->scalar_type() != torch::kFloat) return false;
-    return q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes() && at::get_num_threads() > 1;
+    return threads_to_share() && fp32_on_cpu(q) && fp32_on_cpu(k) && fp32_on_cpu(v) && q.dim() == 4 &&
+           k.sizes() == q.sizes() && v.sizes() == q.sizes();
   }
   // Head i = b·H + h of a (B, H, T, D) tensor of any strides: a (T, D) view, which BLAS reads in
   // place (as long as one of its strides is 1).
@@ -66,7 +80,7 @@ struct CausalAttentionCPU : torch::autograd::Function<CausalAttentionCPU> {
     const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
     const int64_t N = q.size(0) * q.size(1), T = q.size(2);
     auto probs = torch::empty({N, T, T}, q.options()), y = empty_heads(q);
-    const auto future = torch::ones({T, T}, q.options().dtype(torch::kBool)).triu(/*diagonal=*/1);
+    const auto future = future_positions(T, q.options());
     const double sqrt_d = std::sqrt(static_cast<double>(q.size(3)));
     over_threads(N, [&](int64_t i) {
       auto p = probs.select(0, i), y_i = head(y, i);
@@ -78,6 +92,7 @@ struct CausalAttentionCPU : torch::autograd::Function<CausalAttentionCPU> {
     return y;
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grad) {
+    refuse_double_backward("causal attention (CausalAttentionCPU)");
     const auto saved = ctx->get_saved_variables();
     const auto &q = saved[0], &k = saved[1], &v = saved[2], &probs = saved[3], &dy = grad[0];
     auto dq = empty_heads(q), dk = empty_heads(k), dv = empty_heads(v);
@@ -102,8 +117,7 @@ struct CausalAttentionCPU : torch::autograd::Function<CausalAttentionCPU> {
 // half a product on each. Saves x and W, as addmm's backward does.
 struct LinearCPU : torch::autograd::Function<LinearCPU> {
   static bool applies(const torch::Tensor& x, const torch::Tensor& weight) {
-    return x.device().is_cpu() && x.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat &&
-           x.dim() >= 2 && at::get_num_threads() > 1;
+    return threads_to_share() && fp32_on_cpu(x) && fp32_on_cpu(weight) && x.dim() >= 2;
   }
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& weight,
                                const torch::Tensor& bias) {
@@ -111,7 +125,7 @@ struct LinearCPU : torch::autograd::Function<LinearCPU> {
     return torch::linear(x, weight, bias.numel() > 0 ? bias : torch::Tensor());
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grad) {
-    TORCH_CHECK(!torch::GradMode::is_enabled(), "lightron::linear: no double backward (create_graph)");
+    refuse_double_backward("lightron::linear");
     const auto saved = ctx->get_saved_variables();
     const auto &x = saved[0], &weight = saved[1];
     const auto dy = grad[0].reshape({-1, weight.size(0)}), x2 = x.reshape({-1, weight.size(1)});
@@ -153,7 +167,7 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
     return loss;
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grad) {
-    TORCH_CHECK(!torch::GradMode::is_enabled(), "cross_entropy_loss: no double backward (create_graph) through the loss");
+    refuse_double_backward("cross_entropy_loss");
     auto saved = ctx->saved_data.find("log_probs");
     TORCH_CHECK(saved != ctx->saved_data.end(),
                 "cross_entropy_loss: backward ran twice through one loss; its gradient reuses the saved log-probabilities");
@@ -175,14 +189,13 @@ inline torch::Tensor cross_entropy_loss(const torch::Tensor& logits, const torch
 // Per element, in registers: m = β1 m + (1-β1) g;  v = β2 v + (1-β2) g²;
 //   p = p (1 - lr·wd) - lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)
 // (AdamW, Loshchilov & Hutter; torch.optim.AdamW's order). For fp32 CPU tensors, contiguous,
-// with more than one thread, like the kernels above: one thread per rank (the mpi tests, the
-// tutorials' runs) keeps the _foreach_ form and its numbers, to the last bit.
+// with more than one thread, like the kernels above (one thread: the _foreach_ form).
 using Tensors = std::vector<torch::Tensor>;
 inline bool adamw_one_pass_applies(const Tensors& p, const Tensors& g, const Tensors& m, const Tensors& v) {
-  if (at::get_num_threads() < 2) return false;
+  if (!threads_to_share()) return false;
   for (const auto* list : {&p, &g, &m, &v})
     for (const auto& t : *list)
-      if (!t.device().is_cpu() || t.scalar_type() != torch::kFloat || !t.is_contiguous()) return false;
+      if (!fp32_on_cpu(t) || !t.is_contiguous()) return false;
   return true;
 }
 struct AdamWConstants {

@@ -63,8 +63,7 @@ inline torch::Tensor scores(const torch::Tensor& q, const torch::Tensor& k, bool
   auto s = torch::matmul(q.to(torch::kFloat), repeat_groups(k, q.size(1)).to(torch::kFloat).transpose(-2, -1)) /
            std::sqrt(static_cast<double>(q.size(-1)));
   if (!diagonal) return s;
-  const int64_t c = q.size(2);
-  return s.masked_fill(torch::ones({c, c}, q.options().dtype(torch::kBool)).triu(1), -INFINITY);
+  return s.masked_fill(future_positions(q.size(2), q.options()), -INFINITY);
 }
 inline int64_t pair_flops(const torch::Tensor& q) { return 2 * q.size(0) * q.size(1) * q.size(2) * q.size(2) * q.size(3); }
 
