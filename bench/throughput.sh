@@ -8,10 +8,14 @@
 # tiny: V 4096, L 4, C 256, H 4, T 128, B 8.  small (GPT-2 124M): V 50304, L 12, C 768,
 # H 12, T 256, B 4. The two sides run in alternating rounds (C++ then Python, per config), so
 # that a machine whose speed drifts slows both; each run counts its median step, and the table
-# gives the median over the rounds and the range. About 2 minutes per round for both configs
+# gives the median over the rounds and the range. About 3 minutes per round for both configs
 # on 2 idle cores; run nothing else meanwhile.
-# Environment: ROUNDS (3), THREADS (2), WARMUP (untimed steps; 3 tiny, 2 small), ITERS_TINY
-# (25), ITERS_SMALL (6), PYTHON (/usr/bin/python3). Logs and metrics go to BUILD_DIR/bench/.
+# Environment: ROUNDS (3), THREADS (2), WARMUP (untimed steps; 6 tiny, 4 small), ITERS_TINY
+# (25), ITERS_SMALL (8), PYTHON (/usr/bin/python3). Logs and metrics go to BUILD_DIR/bench/.
+# The warm-up covers the slower side's: PyTorch-Python's first steps stay slow for longer
+# (one run each: tiny 575, 385, 273, 233, 265, 262, then about 235 ms; small 11.0, 9.0, 7.0,
+# 6.3, then 5.5-6.5 s), lightron's only its first. Per-step times: BUILD_DIR/bench/cpp_*.jsonl
+# (ms_per_iter) and pytorch_*.json (ms_per_step).
 # Python gets glibc malloc tunables (pretrain_gpt calls mallopt itself); OPENBLAS_* variables
 # are left as they are, so both sides run under the same BLAS settings.
 set -euo pipefail
@@ -32,8 +36,8 @@ case "$which" in
   *) echo "throughput.sh: unknown config '$which'; use tiny, small or all" >&2; exit 2 ;;
 esac
 #                 V     L  C   H  T   B  timed steps               untimed steps
-declare -A shape=([tiny]="4096 4 256 4 128 8 ${ITERS_TINY:-25} ${WARMUP:-3}"
-                  [small]="50304 12 768 12 256 4 ${ITERS_SMALL:-6} ${WARMUP:-2}")
+declare -A shape=([tiny]="4096 4 256 4 128 8 ${ITERS_TINY:-25} ${WARMUP:-6}"
+                  [small]="50304 12 768 12 256 4 ${ITERS_SMALL:-8} ${WARMUP:-4}")
 
 mkdir -p "$out"
 have_cpp=1
