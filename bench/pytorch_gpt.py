@@ -36,6 +36,9 @@ def main():
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--turns", metavar="IN:OUT",
+                   help="take turns with pretrain_gpt (LIGHTRON_BENCH_TURNS=OUT:IN) one step at a time "
+                        "through two FIFOs: bench/throughput.sh")
     args = p.parse_args()
     if args.iters < 1 or args.warmup < 0 or args.threads < 1:
         p.error("--iters and --threads must be >= 1, --warmup >= 0")
@@ -51,8 +54,17 @@ def main():
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
 
+    turn_in = turn_out = None
+    if args.turns:  # the opening order pairs with pretrain_gpt's (its IN first, then its OUT)
+        fifo_in, fifo_out = args.turns.split(":")
+        turn_out = open(fifo_out, "wb", buffering=0)
+        turn_in = open(fifo_in, "rb", buffering=0)
+        turn_out.write(b"r")  # ready: the other side's first step may start
+
     times, losses = [], []
     for step in range(args.warmup + args.iters):
+        if turn_in and turn_in.read(1) != b"t":
+            sys.exit("pytorch_gpt.py: --turns: the other side stopped")
         tokens = torch.randint(V, (B, T))
         labels = torch.randint(V, (B, T))
         start = time.perf_counter()
@@ -65,6 +77,8 @@ def main():
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
             losses.append(loss_value)
+        if turn_out:
+            turn_out.write(b"p")
 
     seconds = sum(times)
     tokens_per_s = B * T * len(times) / seconds

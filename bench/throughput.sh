@@ -6,10 +6,12 @@
 #   bash bench/throughput.sh [BUILD_DIR] [tiny|small|all]      # defaults: build all
 #
 # tiny: V 4096, L 4, C 256, H 4, T 128, B 8.  small (GPT-2 124M): V 50304, L 12, C 768,
-# H 12, T 256, B 4. The two sides run in alternating rounds (C++ then Python, per config), so
-# that a machine whose speed drifts slows both; each run counts its median step, and the table
-# gives the median over the rounds and the range. About 3 minutes per round for both configs
-# on 2 idle cores; run nothing else meanwhile.
+# H 12, T 256, B 4. The two sides run at the same time and take turns, one step each (two
+# FIFOs: LIGHTRON_BENCH_TURNS in pretrain_gpt, --turns in pytorch_gpt.py), so that a machine
+# whose speed drifts slows both alike (on the test machine one program's median step moved by
+# up to 10% between runs a minute apart). Each run counts its median step; a round is one such
+# pair of runs, and the table gives the median over the rounds and the range. About 3 minutes
+# per round for both configs on 2 idle cores; run nothing else meanwhile.
 # Environment: ROUNDS (3), THREADS (2), WARMUP (untimed steps; 6 tiny, 4 small), ITERS_TINY
 # (25), ITERS_SMALL (8), PYTHON (/usr/bin/python3). Logs and metrics go to BUILD_DIR/bench/.
 # The warm-up covers the slower side's: PyTorch-Python's first steps stay slow for longer
@@ -54,28 +56,43 @@ GLIBC_TUNABLES=$tuned_malloc OMP_NUM_THREADS=$threads \
 for round in $(seq 1 "$rounds"); do
   for cfg in "${configs[@]}"; do
     read -r V L C H T B iters warmup <<< "${shape[$cfg]}"
-    if [ "$have_cpp" = 1 ]; then
-      echo "round $round, $cfg: lightron C++, $warmup + $iters steps ..."
-      rm -f "$out/cpp_${cfg}_$round.jsonl"
-      if ! OMP_NUM_THREADS=$threads "$binary" --mock-data --vocab-size "$V" --num-layers "$L" \
-          --hidden-size "$C" --num-attention-heads "$H" --seq-length "$T" --micro-batch-size "$B" \
-          --global-batch-size "$B" --train-iters $((warmup + iters)) --log-interval 1 --lr 1e-4 \
-          --num-threads "$threads" --metrics-file "$out/cpp_${cfg}_$round.jsonl" > "$out/cpp_$cfg.log" 2>&1; then
-        tail -n 20 "$out/cpp_$cfg.log" >&2
-        echo "throughput.sh: pretrain_gpt failed; full log in $out/cpp_$cfg.log" >&2
-        exit 1
-      fi
+    py_json="$out/pytorch_${cfg}_$round.json"
+    if [ "$have_cpp" = 0 ]; then
+      echo "round $round, $cfg: PyTorch-Python, $warmup + $iters steps ..."
+      GLIBC_TUNABLES=$tuned_malloc OMP_NUM_THREADS=$threads "$python" "$here/pytorch_gpt.py" \
+        --config "$cfg" --iters "$iters" --warmup "$warmup" --threads "$threads" > "$py_json"
+      continue
     fi
-    echo "round $round, $cfg: PyTorch-Python, $warmup + $iters steps ..."
-    GLIBC_TUNABLES=$tuned_malloc OMP_NUM_THREADS=$threads "$python" "$here/pytorch_gpt.py" \
-      --config "$cfg" --iters "$iters" --warmup "$warmup" --threads "$threads" > "$out/pytorch_${cfg}_$round.json"
+    echo "round $round, $cfg: lightron C++ and PyTorch-Python taking turns, $warmup + $iters steps each ..."
+    rm -f "$out/cpp_${cfg}_$round.jsonl"
+    turns=$(mktemp -d "$out/turns.XXXXXX")
+    mkfifo "$turns/to_cpp" "$turns/to_python"
+    OMP_NUM_THREADS=$threads LIGHTRON_BENCH_TURNS="$turns/to_cpp:$turns/to_python" "$binary" --mock-data \
+      --vocab-size "$V" --num-layers "$L" --hidden-size "$C" --num-attention-heads "$H" --seq-length "$T" \
+      --micro-batch-size "$B" --global-batch-size "$B" --train-iters $((warmup + iters)) --log-interval 1 \
+      --lr 1e-4 --num-threads "$threads" --metrics-file "$out/cpp_${cfg}_$round.jsonl" > "$out/cpp_$cfg.log" 2>&1 &
+    cpp_pid=$!
+    GLIBC_TUNABLES=$tuned_malloc OMP_NUM_THREADS=$threads "$python" "$here/pytorch_gpt.py" --config "$cfg" \
+      --iters "$iters" --warmup "$warmup" --threads "$threads" --turns "$turns/to_python:$turns/to_cpp" \
+      > "$py_json" 2> "$out/pytorch_$cfg.log" &
+    py_pid=$!
+    cpp_ok=1 py_ok=1
+    wait "$cpp_pid" || cpp_ok=0
+    wait "$py_pid" || py_ok=0
+    rm -rf "$turns"
+    if [ "$cpp_ok" = 0 ] || [ "$py_ok" = 0 ]; then
+      tail -n 20 "$out/cpp_$cfg.log" "$out/pytorch_$cfg.log" >&2
+      echo "throughput.sh: a run failed (C++ ok: $cpp_ok, Python ok: $py_ok); logs in $out/cpp_$cfg.log" \
+           "and $out/pytorch_$cfg.log" >&2
+      exit 1
+    fi
   done
 done
 
 # The table: tokens/s from each run's median step (B·T / its time), the median over the rounds
 # and their range; MFU = achieved model FLOP/s (6N + 12·L·C·T per token, N from the Python
-# model) / measured GEMM peak; the ratio C++/Python per round (the two runs of one round ran
-# back to back) and its median.
+# model) / measured GEMM peak; the ratio C++/Python per round (the two runs of one round took
+# turns step by step) and its median.
 "$python" - "$out" "$have_cpp" "$rounds" "${configs[@]}" <<'EOF'
 import json, statistics, sys
 out, have_cpp, rounds, configs = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4:]

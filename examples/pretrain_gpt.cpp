@@ -19,6 +19,7 @@
 #include <lightron/trainer_tools.hpp>
 
 #include <cerrno>
+#include <csignal>  // SIGPIPE: bench turns
 #include <cstring>  // strerror
 #include <filesystem>
 #include <memory>
@@ -56,6 +57,36 @@ struct RankFile {
   }
   ~RankFile() {
     if (file) std::fclose(file);
+  }
+};
+
+// bench/throughput.sh: LIGHTRON_BENCH_TURNS=IN:OUT (two FIFOs) makes this program take turns
+// with the PyTorch-Python baseline one step at a time, so that a machine whose speed drifts
+// slows both alike. Before each iteration it waits for a byte on IN (the baseline's "ready",
+// then its steps), after it writes one to OUT; the wait is not timed. After its last iteration
+// it waits once more, for the baseline's last step.
+struct TakeTurns {
+  std::FILE *in = nullptr, *out = nullptr;
+  explicit TakeTurns(const char* spec) {
+    if (!spec) return;
+    std::signal(SIGPIPE, SIG_IGN);  // a write after the other side stopped: an error, not a silent death
+    const std::string s = spec;
+    const auto colon = s.find(':');
+    require(colon != std::string::npos, "LIGHTRON_BENCH_TURNS: '{}' is not IN:OUT", s);
+    in = std::fopen(s.substr(0, colon).c_str(), "rb");  // the baseline opens IN to write first,
+    out = in ? std::fopen(s.substr(colon + 1).c_str(), "wb") : nullptr;  // then OUT to read
+    require(in && out, "LIGHTRON_BENCH_TURNS: cannot open '{}': {}", s, std::strerror(errno));
+  }
+  ~TakeTurns() {
+    for (auto* f : {in, out})
+      if (f) std::fclose(f);
+  }
+  bool on() const { return in != nullptr; }
+  void wait() {
+    if (on()) require(std::fgetc(in) != EOF, "LIGHTRON_BENCH_TURNS: the other side stopped");
+  }
+  void pass() {
+    if (on()) require(std::fputc('t', out) != EOF && std::fflush(out) == 0, "LIGHTRON_BENCH_TURNS: cannot write");
   }
 };
 
@@ -259,7 +290,10 @@ int main(int argc, char** argv) {
     const char* trace = groups->rank == 0 ? std::getenv("LIGHTRON_PROFILE_TRACE") : nullptr;
     const char* traced = std::getenv("LIGHTRON_PROFILE_ITERATION");
     const int64_t traced_iteration = traced ? std::atoll(traced) : 3;
+    TakeTurns turns(std::getenv("LIGHTRON_BENCH_TURNS"));
     for (int64_t it = first_iteration; it <= a.train.train_iters; ++it) {
+      turns.wait();
+      if (turns.on()) interval.reset();  // the other side's step is not this one's time
       auto batches = to_batches(*data.train, sampler.next_global_batch());
 #ifdef LIGHTRON_HAVE_RECORD_PROFILE
       std::unique_ptr<torch::autograd::profiler::RecordProfile> profile;
@@ -324,7 +358,9 @@ int main(int argc, char** argv) {
         barrier(groups->world);
         return 0;
       }
+      turns.pass();
     }
+    turns.wait();  // the other side's last step
     if (!a.save.empty() && saved_at < a.train.train_iters) save_checkpoint(a.save, {a.train.train_iters, sampler.consumed_samples}, trainer);
     print_samples(a, trainer);
     barrier(groups->world);
