@@ -9,7 +9,7 @@
 # H 12, T 256, B 4. The two sides run at the same time and take turns, one step each (two
 # FIFOs: LIGHTRON_BENCH_TURNS in pretrain_gpt, --turns in pytorch_gpt.py), so that a machine
 # whose speed drifts slows both alike (on the test machine one program's median step moved by
-# up to 10% between runs a minute apart). Each run counts its median step; a round is one such
+# up to 10% between runs minutes apart). Each run counts its median step; a round is one such
 # pair of runs, and the table gives the median over the rounds and the range. About 3 minutes
 # per round for both configs on 2 idle cores; run nothing else meanwhile.
 # Environment: ROUNDS (3), THREADS (2), WARMUP (untimed steps; 6 tiny, 4 small), ITERS_TINY
