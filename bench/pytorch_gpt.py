@@ -78,7 +78,10 @@ def main():
             times.append(time.perf_counter() - start)
             losses.append(loss_value)
         if turn_out:
-            turn_out.write(b"p")
+            try:
+                turn_out.write(b"p")
+            except BrokenPipeError:
+                sys.exit("pytorch_gpt.py: --turns: the other side stopped")
 
     seconds = sum(times)
     tokens_per_s = B * T * len(times) / seconds

@@ -76,14 +76,17 @@ for round in $(seq 1 "$rounds"); do
       --iters "$iters" --warmup "$warmup" --threads "$threads" --turns "$turns/to_python:$turns/to_cpp" \
       > "$py_json" 2> "$out/pytorch_$cfg.log" &
     py_pid=$!
-    cpp_ok=1 py_ok=1
-    wait "$cpp_pid" || cpp_ok=0
-    wait "$py_pid" || py_ok=0
+    # whichever ends first: when it failed, the other would wait for it forever
+    first_status=0
+    wait -n -p first "$cpp_pid" "$py_pid" || first_status=$?
+    if [ "$first" = "$cpp_pid" ]; then other=$py_pid; else other=$cpp_pid; fi
+    [ "$first_status" = 0 ] || kill "$other" 2> /dev/null || true
+    other_status=0
+    wait "$other" || other_status=$?
     rm -rf "$turns"
-    if [ "$cpp_ok" = 0 ] || [ "$py_ok" = 0 ]; then
+    if [ "$first_status" != 0 ] || [ "$other_status" != 0 ]; then
       tail -n 20 "$out/cpp_$cfg.log" "$out/pytorch_$cfg.log" >&2
-      echo "throughput.sh: a run failed (C++ ok: $cpp_ok, Python ok: $py_ok); logs in $out/cpp_$cfg.log" \
-           "and $out/pytorch_$cfg.log" >&2
+      echo "throughput.sh: a run failed; logs in $out/cpp_$cfg.log and $out/pytorch_$cfg.log" >&2
       exit 1
     fi
   done

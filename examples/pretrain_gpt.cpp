@@ -60,7 +60,7 @@ struct RankFile {
   }
 };
 
-// bench/throughput.sh: LIGHTRON_BENCH_TURNS=IN:OUT (two FIFOs) makes this program take turns
+// bench/throughput.sh: LIGHTRON_BENCH_TURNS=IN:OUT (two FIFOs) makes rank 0 take turns
 // with the PyTorch-Python baseline one step at a time, so that a machine whose speed drifts
 // slows both alike. Before each iteration it waits for a byte on IN (the baseline's "ready",
 // then its steps), after it writes one to OUT; the wait is not timed. After its last iteration
@@ -290,7 +290,7 @@ int main(int argc, char** argv) {
     const char* trace = groups->rank == 0 ? std::getenv("LIGHTRON_PROFILE_TRACE") : nullptr;
     const char* traced = std::getenv("LIGHTRON_PROFILE_ITERATION");
     const int64_t traced_iteration = traced ? std::atoll(traced) : 3;
-    TakeTurns turns(std::getenv("LIGHTRON_BENCH_TURNS"));
+    TakeTurns turns(groups->rank == 0 ? std::getenv("LIGHTRON_BENCH_TURNS") : nullptr);  // the others follow rank 0
     for (int64_t it = first_iteration; it <= a.train.train_iters; ++it) {
       turns.wait();
       if (turns.on()) interval.reset();  // the other side's step is not this one's time
