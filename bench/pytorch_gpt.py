@@ -42,6 +42,9 @@ def main():
     args = p.parse_args()
     if args.iters < 1 or args.warmup < 0 or args.threads < 1:
         p.error("--iters and --threads must be >= 1, --warmup >= 0")
+    if args.turns and (args.turns.count(":") != 1 or not all(
+            os.path.exists(f) for f in args.turns.split(":"))):
+        p.error(f"--turns wants IN:OUT, two existing FIFOs (bench/throughput.sh makes them); got '{args.turns}'")
     torch.set_num_threads(args.threads)
 
     cfg, B = CONFIGS[args.config]

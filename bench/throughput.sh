@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench/throughput.sh — single-process training throughput of lightron's C++ pretrain_gpt
 # against the same GPT-2 model in PyTorch-Python (bench/pytorch_gpt.py), fp32, AdamW, random
-# tokens, same thread count, plus the measured fp32 GEMM peak that MFU is taken against.
+# tokens, same thread count, plus the measured fp32 GEMM peak that MFU is taken against (before
+# every round and after the last: each round against the higher of its two).
 #
 #   bash bench/throughput.sh [BUILD_DIR] [tiny|small|all]      # defaults: build all
 #
@@ -49,11 +50,16 @@ if [ ! -x "$binary" ]; then
        "\`cmake --build $build --target pretrain_gpt\`. Timing the Python side only." >&2
 fi
 
-echo "GEMM peak: fp32, $threads threads, 2048^3 ..."
-GLIBC_TUNABLES=$tuned_malloc OMP_NUM_THREADS=$threads \
-  "$python" "$here/gemm_peak.py" --threads "$threads" --size 2048 > "$out/gemm_peak.json"
+# The GEMM peak is measured before every round and once after the last: the machine's speed
+# drifts, so each round's MFU is taken against the higher of the two peaks around it.
+gemm_peak() {
+  echo "GEMM peak: fp32, $threads threads, 2048^3 ..."
+  GLIBC_TUNABLES=$tuned_malloc OMP_NUM_THREADS=$threads \
+    "$python" "$here/gemm_peak.py" --threads "$threads" --size 2048 > "$out/gemm_peak_$1.json"
+}
 
 for round in $(seq 1 "$rounds"); do
+  gemm_peak "$round"
   for cfg in "${configs[@]}"; do
     read -r V L C H T B iters warmup <<< "${shape[$cfg]}"
     py_json="$out/pytorch_${cfg}_$round.json"
@@ -91,6 +97,7 @@ for round in $(seq 1 "$rounds"); do
     fi
   done
 done
+gemm_peak $((rounds + 1))
 
 # The table: tokens/s from each run's median step (B·T / its time), the median over the rounds
 # and their range; MFU = achieved model FLOP/s (6N + 12·L·C·T per token, N from the Python
@@ -99,13 +106,16 @@ done
 "$python" - "$out" "$have_cpp" "$rounds" "${configs[@]}" <<'EOF'
 import json, statistics, sys
 out, have_cpp, rounds, configs = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4:]
-peak = json.load(open(f"{out}/gemm_peak.json"))
-peak_flops = peak["gflops"] * 1e9
-print(f"\nGEMM peak: {peak['gflops']:.1f} GFLOP/s (fp32, {peak['threads']} threads, best of "
-      f"{peak['repeats']} {peak['n']}^3 products; median {peak['gflops_median']:.1f}; "
-      f"OpenBLAS kernel {peak.get('blas_core') or 'n/a'})")
-print(f"{rounds} round(s); tokens/s of each run's median step: the median over the rounds (range)")
-print(f"{'config':<7} {'impl':<9} {'tokens/s':>10} {'(range)':>21} {'MFU':>7}")
+peaks = [json.load(open(f"{out}/gemm_peak_{r}.json")) for r in range(1, rounds + 2)]
+# round r ran between peak measurements r and r + 1: its MFU is against the higher
+round_peak = [1e9 * max(peaks[r]["gflops"], peaks[r + 1]["gflops"]) for r in range(rounds)]
+p0, best, medians = peaks[0], [p["gflops"] for p in peaks], [p["gflops_median"] for p in peaks]
+print(f"\nGEMM peak: {' / '.join(f'{g:.1f}' for g in best)} GFLOP/s before each round and after the last "
+      f"(fp32, {p0['threads']} threads, best of {p0['repeats']} {p0['n']}^3 products each; their medians "
+      f"{' / '.join(f'{g:.1f}' for g in medians)}; OpenBLAS kernel {p0.get('blas_core') or 'n/a'})")
+print(f"{rounds} round(s); tokens/s of each run's median step, and MFU against the higher GEMM peak "
+      "measured around its round: the median over the rounds (range)")
+print(f"{'config':<7} {'impl':<9} {'tokens/s':>10} {'(range)':>21} {'MFU':>7} {'(range)':>15}")
 
 
 def cpp_median_ms(cfg, r, warmup):
@@ -125,8 +135,9 @@ for cfg in configs:
         runs = {"lightron": [tokens * 1000 / cpp_median_ms(cfg, r, warmup) for r in range(1, rounds + 1)], **runs}
     for impl, tps in runs.items():
         m = statistics.median(tps)
-        span = f"({min(tps):.1f}-{max(tps):.1f})"
-        print(f"{cfg:<7} {impl:<9} {m:10.1f} {span:>21} {100 * m * fpt / peak_flops:6.1f}%")
+        mfu = [100 * t * fpt / pk for t, pk in zip(tps, round_peak)]
+        span, mfu_span = f"({min(tps):.1f}-{max(tps):.1f})", f"({min(mfu):.1f}-{max(mfu):.1f})"
+        print(f"{cfg:<7} {impl:<9} {m:10.1f} {span:>21} {statistics.median(mfu):6.1f}% {mfu_span:>15}")
     if have_cpp:
         ratios = [c / p for c, p in zip(runs["lightron"], runs["pytorch"])]
         print(f"{cfg:<7} C++/Python tokens/s ratio per round: {' / '.join(f'{x:.2f}' for x in ratios)}; "
