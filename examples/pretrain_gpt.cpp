@@ -281,9 +281,11 @@ int main(int argc, char** argv) {
     RankFile timeline(a.layout.pp > 1 ? a.timeline_file : "", "--timeline-file", groups->rank);
     RankFile comm(a.comm_file, "--comm-file", groups->rank);
     const double flops = flops_per_token(num_params, a.model.num_layers, a.model.hidden_size, a.model.seq_length);
-    // Default peaks: H100/H200 SXM dense bf16 989 TFLOP/s (fp32 67); CPU 0.1 TFLOP/s per thread
-    // (the fp32 GEMM peak measured on the 2-core machines these labs use).
-    const double peak = a.peak_tflops > 0 ? a.peak_tflops : device.is_cuda() ? (a.bf16 ? 989.0 : 67.0) : 0.1 * a.num_threads;
+    // Default peaks: H100/H200 SXM dense bf16 989 TFLOP/s (fp32 67); on the CPU, measured here.
+    const double peak = a.peak_tflops > 0 ? a.peak_tflops : device.is_cuda() ? (a.bf16 ? 989.0 : 67.0)
+                                                                             : measured_gemm_tflops(groups->world);
+    if (a.peak_tflops <= 0 && !device.is_cuda())
+      print0("MFU against the fp32 GEMM rate measured on rank 0: {:.3f} TFLOP/s (--peak-tflops sets it)\n", peak);
     Timer interval;
     // bench/profile_step.py: LIGHTRON_PROFILE_TRACE=FILE records the ATen ops of iteration
     // LIGHTRON_PROFILE_ITERATION (default 3) as a Chrome trace, on rank 0.

@@ -38,7 +38,7 @@ struct Arguments {
   double exit_duration_in_mins = 0;   // > 0: save and exit after this many minutes
   bool finetune = false, no_load_optim = false, no_load_rng = false;  // what --load restores
   int num_threads = 1;
-  double peak_tflops = 0;             // 0: 0.1 TFLOP/s per CPU thread (measured GEMM peak)
+  double peak_tflops = 0;             // 0: CPU: measured at start (measured_gemm_tflops); GPU: datasheet
   double distributed_timeout_seconds = 60;
   std::string ddp_impl = "bucketed";  // naive | bucketed
   int64_t ddp_bucket_size = 40000000; // elements per gradient bucket

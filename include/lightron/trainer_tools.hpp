@@ -1,6 +1,7 @@
 // lightron/trainer_tools.hpp — what a training program does around the step, for a Trainer
 // on any layout: the full logits of a prompt (for sampling), every parameter as one device
-// holds it (for checks and exports), and sharded checkpoints. All of them are collectives:
+// holds it (for checks and exports), sharded checkpoints, and on the CPU the matrix-multiply
+// rate that MFU is taken against. All of them are collectives:
 // every rank of the grid calls them. Plumbing, not a chapter's idea: skim it.
 #pragma once
 
@@ -10,6 +11,26 @@
 #include <map>
 
 namespace lightron {
+
+// The fp32 matrix-multiply rate this rank reaches, in TFLOP/s: the best of three 1024³
+// products (after one untimed), all ranks at once after a barrier, so that ranks sharing cores
+// share the rate as they share the step. CPUs and BLAS kernels differ too much for a constant
+// (2 threads on one AMD EPYC: ~0.2 with OpenBLAS's Haswell kernel, ~0.38 with Cooperlake's;
+// bench/gemm_peak.py). Constant inputs: the random number streams stay untouched.
+inline double measured_gemm_tflops(const Group& world) {
+  torch::NoGradGuard no_grad;
+  const int64_t n = 1024;
+  const auto a = torch::full({n, n}, 0.5f), b = torch::full({n, n}, 0.25f);
+  auto c = torch::empty({n, n});
+  barrier(world);
+  double best = 0;
+  for (int i = 0; i < 4; ++i) {
+    Timer timer;
+    at::mm_out(c, a, b);
+    if (i > 0) best = std::max(best, 2.0 * double(n * n * n) / timer.seconds() / 1e12);
+  }
+  return best;
+}
 
 // Full logits (1, t, V) of ids (1, t) on every rank, for generation. The activation passes
 // stage by stage (pp); the last stage gathers the vocabulary (tp) and broadcasts it (pp); cp
