@@ -15,7 +15,7 @@
 #include "compat.hpp"
 #include "core.hpp"
 #include "gpt_config.hpp"  // GPTConfig, validate_model_config
-#include "kernels.hpp"     // CausalAttentionCPU, cross_entropy_loss, future_positions
+#include "kernels.hpp"     // CausalAttentionCPU, cross_entropy_loss, future_positions, gelu_tanh
 
 #include <cmath>   // sqrt
 #include <functional>
@@ -169,7 +169,7 @@ struct MLP : torch::nn::Module {
       auto gate_up = h.chunk(2, -1);
       h = torch::silu(gate_up[0]) * gate_up[1];  // (B, T, F)
     } else {
-      h = torch::gelu(h, "tanh");
+      h = gelu_tanh(h);  // torch::gelu(h, "tanh"), kernels.hpp
     }
     return c_proj->forward(h);  // (B, T, C)
   }
