@@ -275,17 +275,17 @@ int main(int argc, char** argv) {
     }
     int64_t saved_at = first_iteration - 1;  // the last iteration on disk: no second save of it
     check_before_training(a, data, trainer, groups->world);
-    comm_stats().reset();  // --comm-file counts each iteration's calls, not the set-up's
-
-    MetricsLog metrics(a.metrics_file, a.tensorboard_dir);
-    RankFile timeline(a.layout.pp > 1 ? a.timeline_file : "", "--timeline-file", groups->rank);
-    RankFile comm(a.comm_file, "--comm-file", groups->rank);
-    const double flops = flops_per_token(num_params, a.model.num_layers, a.model.hidden_size, a.model.seq_length);
     // Default peaks: H100/H200 SXM dense bf16 989 TFLOP/s (fp32 67); on the CPU, measured here.
     const double peak = a.peak_tflops > 0 ? a.peak_tflops : device.is_cuda() ? (a.bf16 ? 989.0 : 67.0)
                                                                              : measured_gemm_tflops(groups->world);
     if (a.peak_tflops <= 0 && !device.is_cuda())
       print0("MFU against the fp32 GEMM rate measured on rank 0: {:.3f} TFLOP/s (--peak-tflops sets it)\n", peak);
+    comm_stats().reset();  // --comm-file counts each iteration's calls, not the set-up's (nor the barrier above)
+
+    MetricsLog metrics(a.metrics_file, a.tensorboard_dir);
+    RankFile timeline(a.layout.pp > 1 ? a.timeline_file : "", "--timeline-file", groups->rank);
+    RankFile comm(a.comm_file, "--comm-file", groups->rank);
+    const double flops = flops_per_token(num_params, a.model.num_layers, a.model.hidden_size, a.model.seq_length);
     Timer interval;
     // bench/profile_step.py: LIGHTRON_PROFILE_TRACE=FILE records the ATen ops of iteration
     // LIGHTRON_PROFILE_ITERATION (default 3) as a Chrome trace, on rank 0.
