@@ -264,7 +264,7 @@ TEST_CASE("kernels: gelu in the CPU's vectors is as close to the exact tanh GELU
   const auto x64 = x.to(torch::kDouble);
   const auto y64 = torch::gelu(x64, "tanh"), dx64 = at::gelu_backward(dy.to(torch::kDouble), x64, "tanh");
   // the largest of |a - exact| - 1e-6 |exact|: measured 2.7e-10 (y) and 3.0e-6 (dx) for each
-  // instruction set, LibTorch's own 1.5e-7 and 3.6e-6
+  // instruction set, LibTorch's own gelu 1.5e-7 and 3.6e-6 (not asserted: it is not lightron's)
   const auto excess = [](const torch::Tensor& a, const torch::Tensor& exact) {
     return ((a.to(torch::kDouble) - exact).abs() - 1e-6 * exact.abs()).max().item<double>();
   };
@@ -279,11 +279,10 @@ TEST_CASE("kernels: gelu in the CPU's vectors is as close to the exact tanh GELU
     auto y = torch::empty_like(x), dx = torch::empty_like(x);
     forward(x.data_ptr<float>(), nullptr, y.data_ptr<float>(), x.numel());
     backward(x.data_ptr<float>(), dy.data_ptr<float>(), dx.data_ptr<float>(), x.numel());
-    CHECK(excess(y, y64) <= 1e-8);
+    CHECK(excess(y, y64) <= 1e-9);
     CHECK(excess(dx, dx64) <= 1e-5);
   }
 #endif
-  CHECK(excess(torch::gelu(x, "tanh"), y64) <= 1e-6);  // LibTorch's, for scale
   torch::set_num_threads(1);  // one thread: LibTorch's gelu
   CHECK_FALSE(GeluCPU::applies(x));
   torch::set_num_threads(2);
@@ -293,7 +292,7 @@ TEST_CASE("kernels: gelu in the CPU's vectors is as close to the exact tanh GELU
   auto xg = x.view({-1, 50}).t().set_requires_grad(true);  // not contiguous, through autograd
   const auto y = gelu_tanh(xg);
   (y * dy.view({-1, 50}).t()).sum().backward();
-  CHECK(excess(y.t().reshape(-1), y64) <= 1e-8);
+  CHECK(excess(y.t().reshape(-1), y64) <= 1e-9);
   CHECK(excess(xg.grad().t().reshape(-1), dx64) <= 1e-5);
   const auto odd = torch::tensor({NAN, -20.0f, 20.0f, 0.0f, -1e30f, 1e30f});  // odd sizes: a tail
   const auto y_odd = gelu_tanh(odd.repeat({7}));
