@@ -88,8 +88,8 @@ struct GlooDevice {};  // nothing to share without Gloo
 
 // A group's communicator. Gloo's: on `shared` (created on first use) when given, so that all of
 // a rank's groups share one device, and with it one network thread instead of one per group
-// (each wakes every 10 ms; eight ranks on two cores, with four groups each, were preempted
-// thousands of times a second). NCCL: one communicator per group, as always.
+// (each wakes every 10 ms, and a rank of the 2x2x2 layout has five groups: on a busy machine
+// the wakeups preempt the computation). NCCL: one communicator per group, as always.
 inline BackendPtr make_backend(const c10::intrusive_ptr<c10d::Store>& store, const std::string& prefix, int rank,
                                int size, const GroupOptions& opt, GlooDevice* shared = nullptr) {
   auto prefixed = c10::make_intrusive<c10d::PrefixStore>(prefix, store);
