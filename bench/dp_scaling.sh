@@ -5,7 +5,7 @@
 # Each round runs, one after another:
 #   * one rank alone on the first core, then alone on the second. A VM's cores need not be
 #     equally fast: on the 2-core test VM one core ran a training step 17% slower than the other
-#     for minutes at a time, and an unpinned 1-rank run landed on either (rounds of 83% and 107%
+#     for minutes at a time, and an unpinned 1-rank run landed on either (rounds of 82% and 107%
 #     in one invocation). Two synchronous ranks step at the pace of the slower core;
 #   * two independent 1-rank trainings at once, one per core (no communication): what the
 #     machine itself gives up when both cores are busy;
@@ -18,6 +18,8 @@ set -euo pipefail
 build=${1:-build}
 iters=${ITERS:-25}
 rounds=${ROUNDS:-5}
+[[ "$rounds" =~ ^[1-9][0-9]*$ && "$iters" =~ ^[0-9]+$ && "$iters" -gt 5 ]] || {
+  echo "error: ROUNDS must be at least 1 and ITERS more than 5 (the warm-up steps), got ROUNDS=$rounds ITERS=$iters" >&2; exit 2; }
 read -r -a cpus <<< "${CPUS:-0 1}"
 [ "${#cpus[@]}" -eq 2 ] || { echo "error: CPUS must name two cores, got '${CPUS:-}'" >&2; exit 2; }
 for c in "${cpus[@]}"; do
